@@ -1,0 +1,1 @@
+"""haflow: highly available Apache Airflow on ordinary Linux machines."""

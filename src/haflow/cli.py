@@ -1,0 +1,210 @@
+"""The command line: parse, call, print. No logic lives here (design.md §4 is the contract).
+
+Exit codes: 0 success, 1 cluster unhealthy, 2 bad input (one line per problem, never a traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from haflow import status as status_mod
+from haflow.cluster import Cluster
+from haflow.errors import HaflowError, UserError
+from haflow.secrets import FILE_NAME as SECRETS_FILE
+from haflow.spec import default_spec_text, load_spec
+
+out = Console()
+err = Console(stderr=True)
+STATE_ENV = "HAFLOW_STATE_DIR"
+DEBUG_ENV = "HAFLOW_DEBUG"
+
+
+def resolve_state_dir(spec_path: Path | None, state_dir: Path | None) -> Path:
+    """--state-dir, else $HAFLOW_STATE_DIR, else .haflow next to the spec (or in the cwd)."""
+    if state_dir is None and os.environ.get(STATE_ENV):
+        state_dir = Path(os.environ[STATE_ENV])
+    if state_dir is None:
+        state_dir = (spec_path.parent if spec_path else Path.cwd()) / ".haflow"
+    return state_dir.absolute()
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HaflowError as e:
+            err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
+            for line in e.details:
+                err.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing is lost: re-run the command to continue")
+            sys.exit(130)
+        except Exception as e:  # a bug: one line, and the traceback only on request
+            if os.environ.get(DEBUG_ENV):
+                raise
+            err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)", highlight=False, soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("-f", "--file", "spec_file", type=click.Path(path_type=Path), help="Cluster spec (default: the embedded 3-node local cluster).")(fn)
+    fn = click.option("--state-dir", type=click.Path(path_type=Path), help=f"Where data, logs and secrets live (default: .haflow next to the spec; env {STATE_ENV}).")(fn)
+    return fn
+
+
+def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[str], None] | None = None) -> Cluster:
+    spec = load_spec(spec_file)
+    return Cluster(spec, resolve_state_dir(spec_file, state_dir), say or (lambda _: None))
+
+
+class Progress:
+    """Prints each step of a long operation with the time since it began."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.t0 = time.monotonic()
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            err.print(f"[dim]{time.monotonic() - self.t0:6.1f}s[/] {escape(msg)}", highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="haflow")
+def cli() -> None:
+    """haflow: a highly available Apache Airflow cluster on ordinary Linux machines."""
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path), default=Path("haflow.yaml"))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@handle_errors
+def init(path: Path, force: bool) -> None:
+    """Write the default spec (commented) to PATH (default: haflow.yaml)."""
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass --force to overwrite it or choose another path")
+    path.write_text(default_spec_text())
+    out.print(f"wrote {path}; edit it, then run `haflow up -f {path}`")
+
+
+@cli.command()
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result and final status as JSON.")
+@handle_errors
+def up(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Start the cluster (or restart what is missing), wait for health, show status."""
+    cluster = make_cluster(spec_file, state_dir, Progress())
+    result = cluster.up()
+    snap = status_mod.snapshot(cluster)
+    if as_json:
+        out.print_json(json.dumps({"up": result, "status": snap}))
+    else:
+        what = f"{len(result['changed'])} change(s)" if result["changed"] else "nothing changed (already up)"
+        out.print(f"cluster [bold]{cluster.facts.name}[/] is up in {result['elapsed_s']}s: {what}")
+        out.print(f"secrets (passwords): {cluster.state_dir / SECRETS_FILE} (`haflow secrets show`)")
+        print_status(snap)
+    sys.exit(0 if snap["healthy"] else 1)
+
+
+@cli.command()
+@spec_options
+@click.option("--purge", is_flag=True, help="Also delete all data, logs and secrets of the cluster.")
+@click.option("--yes", is_flag=True, help="Confirm --purge.")
+@handle_errors
+def down(spec_file: Path | None, state_dir: Path | None, purge: bool, yes: bool) -> None:
+    """Stop the cluster in order; data is kept unless --purge --yes."""
+    cluster = make_cluster(spec_file, state_dir, Progress())
+    if purge and not yes:
+        raise UserError(f"--purge deletes every database, log and secret in {cluster.state_dir}; add --yes to confirm")
+    result = cluster.down()
+    out.print(f"cluster [bold]{cluster.facts.name}[/] stopped in {result['elapsed_s']}s ({result['stopped_processes']} processes); data kept in {cluster.state_dir}" if not purge else "")
+    if purge:
+        cluster.purge()
+        out.print(f"cluster [bold]{cluster.facts.name}[/] stopped and purged ({cluster.state_dir} deleted)")
+
+
+@cli.command()
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys, see docs/status.md).")
+@handle_errors
+def status(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Health of every layer; exit 1 if anything is degraded."""
+    cluster = make_cluster(spec_file, state_dir)
+    snap = status_mod.snapshot(cluster)
+    if as_json:
+        out.print_json(json.dumps(snap))
+    else:
+        print_status(snap)
+    sys.exit(0 if snap["healthy"] else 1)
+
+
+@cli.group()
+def secrets() -> None:
+    """The cluster's generated accounts and passwords."""
+
+
+@secrets.command("show")
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="Each account as an object with username and password.")
+@handle_errors
+def secrets_show(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Print the cluster's accounts with their passwords (asked for explicitly)."""
+    cluster = make_cluster(spec_file, state_dir)
+    accounts = cluster.secrets.as_dict()
+    if as_json:
+        out.print_json(json.dumps(accounts))
+        return
+    t = Table(title=f"secrets of {cluster.facts.name} ({cluster.state_dir / SECRETS_FILE})")
+    for col in ("account", "username", "password"):
+        t.add_column(col)
+    for key, acc in accounts.items():
+        t.add_row(key, acc["username"], acc["password"])
+    out.print(t)
+
+
+def _mark(ok: bool) -> str:
+    return "[green]ok[/]" if ok else "[red]DEGRADED[/]"
+
+
+def print_status(snap: dict[str, Any]) -> None:
+    layers = snap["layers"]
+    t = Table(title=f"cluster {snap['cluster']}: " + ("[green]healthy[/]" if snap["healthy"] else "[red]unhealthy[/]"))
+    for col in ("layer", "health", "leader", "members"):
+        t.add_column(col)
+    dcs = layers["dcs"]
+    t.add_row("dcs (etcd)", _mark(dcs["healthy"]), dcs["leader"] or "-",
+              ", ".join(f"{m['node']}:{'up' if m['healthy'] else 'DOWN'}" for m in dcs["members"]))
+    db = layers["database"]
+    t.add_row("database (Patroni)", _mark(db["healthy"]), db["leader"] or "-",
+              ", ".join(f"{m['node']}:{m['role'] or '-'}/{m['state']}" + (f" lag {m['lag_bytes']}B" if m["lag_bytes"] else "") for m in db["members"]))
+    lb = layers["balancer"]
+    t.add_row("balancer (HAProxy)", _mark(lb["healthy"]), "-",
+              ", ".join(f"{m['node']}->{'/'.join(m['primary_up']) or 'nothing'}" for m in lb["members"]))
+    out.print(t)
+    out.print("PostgreSQL read-write: " + "  ".join(lb["endpoints"]["postgres_primary"]))
+    out.print("PostgreSQL read-only:  " + "  ".join(lb["endpoints"]["postgres_replicas"]))
+    for line in status_mod.problems(snap):
+        out.print(f"[red]problem:[/] {line}", highlight=False)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per component; each renders files, defines processes and probes health."""

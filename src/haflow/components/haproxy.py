@@ -1,0 +1,100 @@
+"""HAProxy on every node: the node's local entry point to the current primary and the replicas."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from typing import Any
+
+import httpx
+
+from haflow.components.base import DesiredState, File, Service
+from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
+from haflow.templates import render_template
+
+NAME = "haproxy"
+BINARY = "haproxy"
+PRIMARY_PROXY = "postgres_primary"
+REPLICAS_PROXY = "postgres_replicas"
+
+
+def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str:
+    b = facts.spec.balancer
+    return render_template(
+        "haproxy.cfg.j2",
+        cluster=facts.name,
+        node=node,
+        nodes=facts.nodes,
+        ports=facts.spec.ports,
+        stats_socket=layout.haproxy_socket,
+        inter=f"{b.check_interval_ms}ms",
+        fall=b.fall,
+        rise=b.rise,
+    )
+
+
+def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> DesiredState:
+    conf = layout.root / "haproxy.cfg"
+    return DesiredState(
+        files=[File(conf, config_text(facts, node, layout), 0o644)],
+        services=[
+            Service(
+                name=NAME,
+                # -db: stay in the foreground so the supervised PID is the one serving traffic.
+                argv=(shutil.which(BINARY) or f"/usr/sbin/{BINARY}", "-db", "-f", str(conf)),
+                stop_signal="USR1",  # soft stop: finish the current sessions
+                stop_timeout_s=5,
+                restart_files=(conf,),
+            )
+        ],
+    )
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+def server_states(node: NodeFacts, timeout: float = 2.0) -> dict[str, dict[str, str]] | None:
+    """{proxy: {server: "UP"|"DOWN"|...}} from the node's stats page, None if it does not answer."""
+    try:
+        r = httpx.get(f"{node.haproxy_stats_url};csv", timeout=timeout)
+        if r.status_code != 200:
+            return None
+    except httpx.HTTPError:
+        return None
+    states: dict[str, dict[str, str]] = {}
+    for row in csv.DictReader(io.StringIO(r.text.lstrip("# "))):
+        if row["svname"] in ("FRONTEND", "BACKEND"):
+            continue
+        states.setdefault(row["pxname"], {})[row["svname"]] = row["status"].split(" ")[0]
+    return states
+
+
+def up_servers(states: dict[str, dict[str, str]], proxy: str) -> list[str]:
+    return sorted(s for s, st in states.get(proxy, {}).items() if st == "UP")
+
+
+def probe(facts: ClusterFacts, leader: str | None) -> dict[str, Any]:
+    """Layer status: each node's balancer must route its primary port to exactly the leader."""
+    members = []
+    for node in facts.nodes:
+        states = server_states(node)
+        if states is None:
+            members.append({"node": node.name, "healthy": False, "primary_up": [], "replicas_up": [], "reason": "not answering"})
+            continue
+        primary = up_servers(states, PRIMARY_PROXY)
+        ok = leader is not None and primary == [leader]
+        members.append(
+            {
+                "node": node.name,
+                "healthy": ok,
+                "primary_up": primary,
+                "replicas_up": up_servers(states, REPLICAS_PROXY),
+                "reason": None if ok else f"primary port routes to {primary or 'nothing'}",
+            }
+        )
+    return {
+        "healthy": all(m["healthy"] for m in members),
+        "endpoints": {"postgres_primary": facts.pg_primary_endpoints, "postgres_replicas": facts.pg_replica_endpoints},
+        "members": members,
+    }

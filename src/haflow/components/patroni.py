@@ -1,0 +1,198 @@
+"""Patroni managing the distro PostgreSQL: one member per node, synchronous mode, pg_rewind.
+
+Patroni supervises PostgreSQL itself (it restarts a crashed postmaster and double-forks it out
+of its own process tree), so haflow supervises Patroni only and never starts postgres directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
+from haflow.secrets import Secrets
+
+NAME = "patroni"
+
+# Cluster-wide parameters Patroni needs for streaming replication and pg_rewind.
+BASE_PARAMETERS: dict[str, Any] = {
+    "wal_level": "replica",
+    "hot_standby": "on",
+    "max_wal_senders": 10,
+    "max_replication_slots": 10,
+    "wal_keep_size": "256MB",
+    "wal_log_hints": "on",
+    "password_encryption": "scram-sha-256",
+}
+
+
+def venv_dir(layout: NodeLayout, version: str) -> Path:
+    return layout.venvs / f"patroni-{version}"
+
+
+def requirement(version: str) -> str:
+    return f"patroni[etcd3,psycopg3]=={version}"
+
+
+def bin_dir(postgres_version: int) -> Path:
+    return Path(f"/usr/lib/postgresql/{postgres_version}/bin")
+
+
+def config_path(layout: NodeLayout) -> Path:
+    return layout.root / "patroni.yml"
+
+
+def pg_hba(facts: ClusterFacts, secrets: Secrets) -> list[str]:
+    repl = secrets["postgres_replication"].username
+    lines = ["local all all scram-sha-256"]
+    for net in facts.pg_client_networks:
+        lines.append(f"host replication {repl} {net} scram-sha-256")
+        lines.append(f"host all all {net} scram-sha-256")
+    return lines
+
+
+def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, Any]:
+    db = facts.spec.database
+    api = f"{node.address}:{facts.spec.ports.patroni_api}"
+    accounts = {
+        role: {"username": secrets[key].username, "password": secrets[key].password}
+        for role, key in (
+            ("superuser", "postgres_superuser"),
+            ("replication", "postgres_replication"),
+            ("rewind", "postgres_rewind"),
+        )
+    }
+    return {
+        "scope": facts.patroni_scope,
+        "namespace": facts.patroni_namespace,
+        "name": node.name,
+        "log": {"level": "INFO", "format": "%(asctime)s %(levelname)s: %(message)s"},
+        "restapi": {
+            "listen": api,
+            "connect_address": api,
+            # GETs (health checks) stay open; changes (switchover, restart, ...) need these.
+            "authentication": {
+                "username": secrets["patroni_restapi"].username,
+                "password": secrets["patroni_restapi"].password,
+            },
+        },
+        "etcd3": {"hosts": facts.etcd_hosts},
+        "bootstrap": {
+            "dcs": {
+                "ttl": db.ttl,
+                "loop_wait": db.loop_wait,
+                "retry_timeout": db.retry_timeout,
+                "maximum_lag_on_failover": db.maximum_lag_on_failover,
+                "synchronous_mode": db.synchronous_mode,
+                "failsafe_mode": db.failsafe_mode,
+                "postgresql": {
+                    "use_pg_rewind": True,
+                    "use_slots": True,
+                    "parameters": {**BASE_PARAMETERS, **db.parameters},
+                },
+            },
+            "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
+        },
+        "postgresql": {
+            "listen": node.postgres,
+            "connect_address": node.postgres,
+            "data_dir": str(layout.pg_data),
+            "bin_dir": str(bin_dir(db.postgres_version)),
+            "pgpass": str(layout.pg_home / "pgpass"),
+            "authentication": accounts,
+            # Per node: several nodes on one machine would otherwise share /var/run/postgresql.
+            "parameters": {"unix_socket_directories": str(layout.pg_socket_dir)},
+            "pg_hba": pg_hba(facts, secrets),
+        },
+        "watchdog": {"mode": "off"},
+        "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+    }
+
+
+def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
+    conf = config_path(layout)
+    venv = venv_dir(layout, facts.spec.database.patroni_version)
+    user = layout.db_user
+    return DesiredState(
+        dirs=[
+            Directory(layout.pg_home, 0o700, user),
+            Directory(layout.pg_socket_dir, 0o700, user),
+        ],
+        files=[File(conf, yaml.safe_dump(config(facts, node, layout, secrets), sort_keys=False), 0o600, user)],
+        services=[
+            Service(
+                name=NAME,
+                argv=(str(venv / "bin" / "patroni"), str(conf)),
+                env={"HOME": str(layout.pg_home), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"},
+                user=user,
+                cwd=layout.pg_home,
+                stop_timeout_s=60,
+                restart_files=(conf,),
+            )
+        ],
+    )
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+def cluster_view(facts: ClusterFacts, timeout: float = 2.0) -> dict[str, Any] | None:
+    """Patroni's `/cluster` document from the first member that answers."""
+    for node in facts.nodes:
+        try:
+            r = httpx.get(f"{node.patroni_api_url}/cluster", timeout=timeout)
+            if r.status_code == 200:
+                return r.json()
+        except (httpx.HTTPError, ValueError):
+            continue
+    return None
+
+
+def node_role(node: NodeFacts, path: str, timeout: float = 1.0) -> bool:
+    """True if the node's REST API answers 200 on a health path such as /primary."""
+    try:
+        return httpx.get(f"{node.patroni_api_url}{path}", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def probe(facts: ClusterFacts) -> dict[str, Any]:
+    """Layer status: `{"healthy", "leader", "members": [{"node", "role", "state", "lag_bytes", "timeline"}]}`."""
+    view = cluster_view(facts) or {"members": []}
+    by_name = {m.get("name"): m for m in view.get("members", [])}
+    members = []
+    for name in facts.node_names:
+        m = by_name.get(name)
+        if m is None:
+            members.append({"node": name, "role": None, "state": "unreachable", "lag_bytes": None, "timeline": None})
+            continue
+        lag = m.get("lag")
+        members.append(
+            {
+                "node": name,
+                "role": m.get("role"),
+                "state": m.get("state"),
+                "lag_bytes": lag if isinstance(lag, int) else (0 if m.get("role") == "leader" else None),
+                "timeline": m.get("timeline"),
+            }
+        )
+    leaders = [m for m in members if m["role"] == "leader" and m["state"] == "running"]
+    replicas = [m for m in members if m["role"] in ("replica", "sync_standby")]
+    problems = []
+    if len(leaders) != 1:
+        problems.append("no running leader" if not leaders else "more than one leader")
+    not_streaming = [m["node"] for m in members if m not in leaders and not (m in replicas and m["state"] == "streaming")]
+    if not_streaming:
+        problems.append(f"not streaming: {', '.join(not_streaming)}")
+    if facts.spec.database.synchronous_mode and not any(m["role"] == "sync_standby" for m in members):
+        problems.append("no synchronous standby")
+    return {
+        "healthy": not problems,
+        "leader": leaders[0]["node"] if len(leaders) == 1 else None,
+        "members": members,
+        "problems": problems,
+    }

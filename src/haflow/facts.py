@@ -1,0 +1,148 @@
+"""The one place that computes the cluster's facts: addresses, ports, URLs, names.
+
+Components and status read everything they need about *where* things are from here, so two
+components can never disagree about, say, the etcd endpoints or the balancer ports. Paths on
+a node (data, config, sockets) are not facts of the cluster but of the host: see `NodeLayout`,
+which each host kind builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from haflow.spec import Node, Spec
+
+
+def hostport(address: str, port: int) -> str:
+    return f"{address}:{port}"
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    name: str
+    address: str
+    is_etcd_member: bool
+    etcd_client_url: str
+    etcd_peer_url: str
+    patroni_api_url: str
+    postgres: str  # HOST:PORT of this node's PostgreSQL
+    pg_primary: str  # HOST:PORT of this node's balancer, read-write
+    pg_replicas: str  # HOST:PORT of this node's balancer, read-only
+    haproxy_stats_url: str
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where one node's files live and as whom its database runs; built by the host."""
+
+    root: Path  # config + data of this node
+    run: Path  # sockets and pid files (short path: unix sockets are limited to 107 bytes)
+    logs: Path
+    venvs: Path  # runtime virtualenvs, shared by the nodes of a host
+    db_user: str  # PostgreSQL/Patroni run as this user
+
+    @property
+    def etcd_data(self) -> Path:
+        return self.root / "etcd"
+
+    @property
+    def pg_home(self) -> Path:
+        return self.root / "pg"
+
+    @property
+    def pg_data(self) -> Path:
+        return self.pg_home / "data"
+
+    @property
+    def pg_socket_dir(self) -> Path:
+        return self.run / "pg"
+
+    @property
+    def haproxy_socket(self) -> Path:
+        return self.run / "haproxy.sock"
+
+
+class ClusterFacts:
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.cluster
+
+    @cached_property
+    def nodes(self) -> list[NodeFacts]:
+        members = {n.name for n in self.spec.etcd_members}
+        return [self._node_facts(n, n.name in members) for n in self.spec.nodes]
+
+    def _node_facts(self, n: Node, member: bool) -> NodeFacts:
+        p = self.spec.ports
+        return NodeFacts(
+            name=n.name,
+            address=n.address,
+            is_etcd_member=member,
+            etcd_client_url=f"http://{hostport(n.address, p.etcd_client)}",
+            etcd_peer_url=f"http://{hostport(n.address, p.etcd_peer)}",
+            patroni_api_url=f"http://{hostport(n.address, p.patroni_api)}",
+            postgres=hostport(n.address, p.postgres),
+            pg_primary=hostport(n.address, p.pg_primary),
+            pg_replicas=hostport(n.address, p.pg_replicas),
+            haproxy_stats_url=f"http://{hostport(n.address, p.haproxy_stats)}/",
+        )
+
+    def node(self, name: str) -> NodeFacts:
+        self.spec.node(name)  # raises a UserError naming the known nodes
+        return next(n for n in self.nodes if n.name == name)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    # --- etcd -------------------------------------------------------------------------------
+    @property
+    def etcd_members(self) -> list[NodeFacts]:
+        return [n for n in self.nodes if n.is_etcd_member]
+
+    @property
+    def etcd_initial_cluster(self) -> str:
+        return ",".join(f"{n.name}={n.etcd_peer_url}" for n in self.etcd_members)
+
+    @property
+    def etcd_hosts(self) -> list[str]:
+        return [hostport(n.address, self.spec.ports.etcd_client) for n in self.etcd_members]
+
+    @property
+    def etcd_token(self) -> str:
+        return f"haflow-{self.name}"
+
+    # --- database ---------------------------------------------------------------------------
+    @property
+    def patroni_namespace(self) -> str:
+        return "/haflow/"
+
+    @property
+    def patroni_scope(self) -> str:
+        return self.name
+
+    @property
+    def pg_client_networks(self) -> list[str]:
+        """Source addresses PostgreSQL accepts: the nodes, plus 127.0.0.1 when nodes are on
+        loopback (the kernel sends loopback traffic between 127.0.0.x aliases from 127.0.0.1)."""
+        nets = [f"{n.address}/32" for n in self.nodes]
+        if any(n.address.startswith("127.") for n in self.nodes) and "127.0.0.1/32" not in nets:
+            nets.append("127.0.0.1/32")
+        return nets
+
+    @property
+    def pg_primary_endpoints(self) -> list[str]:
+        return [n.pg_primary for n in self.nodes]
+
+    @property
+    def pg_replica_endpoints(self) -> list[str]:
+        return [n.pg_replicas for n in self.nodes]
+
+    @property
+    def airflow_db(self) -> str:
+        return "airflow"

@@ -1,0 +1,388 @@
+"""The local host: every node of the cluster on this machine, each on its own address.
+
+Each node gets one supervisord (its "init"), started detached so it survives the CLI. It owns
+the node's services, restarts them on crash, and is itself tracked by PID + start time. A lost
+machine is simulated by SIGKILLing the node's supervisord and then everything it ran: nothing
+restarts until `haflow up` starts the node's supervisord again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import grp
+import hashlib
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.errors import HaflowError, UserError
+from haflow.facts import NodeLayout
+from haflow.procs import ProcRef, wait_gone
+from haflow.templates import render_template
+
+AGENT_FILE = "agent.json"
+RUNNING_STATES = {"RUNNING", "STARTING"}
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_db_user() -> str:
+    return "postgres" if is_root() else getpass.getuser()
+
+
+def default_venvs_dir() -> Path:
+    if env := os.environ.get("HAFLOW_VENVS"):
+        return Path(env)
+    if is_root():
+        return Path("/var/lib/haflow/venvs")
+    return Path.home() / ".local/share/haflow/venvs"
+
+
+def runtime_base(state_dir: Path) -> Path:
+    """A short, per-state-dir directory for sockets (unix socket paths max out at 107 bytes)."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    base = Path("/run/haflow") if is_root() and Path("/run").is_dir() else Path(f"/tmp/haflow-{os.getuid()}")
+    return base / digest
+
+
+@dataclass
+class Changes:
+    files: list[Path]
+    agent_started: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.files) or self.agent_started
+
+
+class LocalHost:
+    kind = "local"
+
+    def __init__(self, state_dir: Path, cluster: str) -> None:
+        self.state_dir = state_dir
+        self.cluster = cluster
+        self.run_base = runtime_base(state_dir)
+
+    # --- layout ---------------------------------------------------------------------------------
+    def layout(self, node: str) -> NodeLayout:
+        root = self.state_dir / "nodes" / node
+        return NodeLayout(
+            root=root,
+            run=self.run_base / node,
+            logs=root / "logs",
+            venvs=default_venvs_dir(),
+            db_user=default_db_user(),
+        )
+
+    def _socket(self, node: str) -> Path:
+        return self.layout(node).run / "supervisor.sock"
+
+    # --- desired state --------------------------------------------------------------------------
+    def apply(self, node: str, desired: DesiredState) -> Changes:
+        """Make files and directories as desired; render the node's supervisord config.
+        Returns what changed (nothing on a re-run)."""
+        layout = self.layout(node)
+        for d in [Directory(layout.root, 0o755), Directory(layout.run, 0o755), Directory(layout.logs, 0o755), *desired.dirs]:
+            _ensure_dir(d)
+        changed = [f.path for f in desired.files if _ensure_file(f)]
+        conf = File(layout.root / "supervisord.conf", self._supervisor_conf(node, layout, desired.services), 0o600)
+        if _ensure_file(conf):
+            changed.append(conf.path)
+        return Changes(changed)
+
+    def _supervisor_conf(self, node: str, layout: NodeLayout, services: list[Service]) -> str:
+        me = getpass.getuser()
+        programs = [
+            {
+                "name": s.name,
+                "command": _escape(shlex.join(s.argv)),
+                "user": s.user if s.user and s.user != me else None,
+                "cwd": s.cwd,
+                "environment": ",".join(f'{k}="{_escape(v)}"' for k, v in s.env.items()),
+                "stop_signal": s.stop_signal,
+                "stop_timeout_s": s.stop_timeout_s,
+            }
+            for s in services
+        ]
+        return render_template(
+            "supervisord.conf.j2",
+            cluster=self.cluster,
+            node=node,
+            socket=self._socket(node),
+            logs=layout.logs,
+            run=layout.run,
+            root=layout.root,
+            services=programs,
+        )
+
+    # --- the node's supervisor (agent) ----------------------------------------------------------
+    def _agent_file(self, node: str) -> Path:
+        return self.layout(node).root / AGENT_FILE
+
+    def agent(self, node: str) -> ProcRef | None:
+        """The node's running supervisord, verified by PID and start time."""
+        try:
+            data = json.loads(self._agent_file(node).read_text())
+            ref = ProcRef(int(data["pid"]), float(data["create_time"]), f"{node}/supervisord")
+        except (OSError, ValueError, KeyError):
+            return None
+        return ref if ref.alive() else None
+
+    def node_up(self, node: str) -> bool:
+        return self.agent(node) is not None
+
+    def ensure_agent(self, node: str, timeout: float = 20.0) -> bool:
+        """Start the node's supervisord if it is not running; True if it was started."""
+        if self.agent(node):
+            self._sync_programs(node)  # no-op unless supervisord.conf changed
+            return False
+        layout = self.layout(node)
+        sock = self._socket(node)
+        sock.unlink(missing_ok=True)  # left by a killed supervisord; it refuses to start otherwise
+        log = open(layout.logs / "supervisord.out", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(layout.root / "supervisord.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            cwd=layout.root,
+        )
+        log.close()
+        ref = ProcRef.of(proc.pid, f"{node}/supervisord")
+        if ref is None:
+            raise HaflowError(f"{node}: supervisord exited at once; see {layout.logs / 'supervisord.out'}")
+        self._agent_file(node).write_text(json.dumps({"pid": ref.pid, "create_time": ref.create_time}))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise HaflowError(f"{node}: supervisord exited with {proc.returncode}; see {layout.logs / 'supervisord.out'}")
+            try:
+                if self._rpc(node).supervisor.getState()["statename"] == "RUNNING":
+                    return True
+            except (OSError, xmlrpc.client.Error):
+                pass
+            time.sleep(0.1)
+        raise HaflowError(f"{node}: supervisord did not answer within {timeout:.0f}s; see {layout.logs / 'supervisord.log'}")
+
+    def _rpc(self, node: str) -> Any:
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{self._socket(node)}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def _sync_programs(self, node: str) -> None:
+        """Apply a changed supervisord.conf: add new programs, replace changed ones, drop removed ones."""
+        rpc = self._rpc(node)
+        added, changed, removed = rpc.supervisor.reloadConfig()[0]
+        for name in removed + changed:
+            try:
+                rpc.supervisor.stopProcessGroup(name)
+            except xmlrpc.client.Fault:
+                pass
+            rpc.supervisor.removeProcessGroup(name)
+        for name in added + changed:
+            rpc.supervisor.addProcessGroup(name)
+
+    def stop_agent(self, node: str, timeout: float = 30.0) -> None:
+        agent = self.agent(node)
+        if agent is None:
+            return
+        try:
+            self._rpc(node).supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            agent.send(signal.SIGTERM)
+        if wait_gone([agent], timeout):
+            agent.send(signal.SIGKILL)
+            wait_gone([agent], 5)
+
+    # --- services ------------------------------------------------------------------------------
+    def service_info(self, node: str, service: str) -> dict[str, Any] | None:
+        if not self.agent(node):
+            return None
+        try:
+            return self._rpc(node).supervisor.getProcessInfo(service)
+        except (OSError, xmlrpc.client.Error):
+            return None
+
+    def service_running(self, node: str, service: str) -> bool:
+        info = self.service_info(node, service)
+        return bool(info) and info["statename"] in RUNNING_STATES
+
+    def start(self, node: str, service: str) -> bool:
+        """Start a service unless it runs; True if it was started."""
+        if self.service_running(node, service):
+            return False
+        try:
+            self._rpc(node).supervisor.startProcess(service, True)
+        except xmlrpc.client.Fault as e:
+            if "ALREADY_STARTED" in e.faultString:
+                return False
+            log = self.layout(node).logs / f"{service}.log"
+            raise HaflowError(f"{node}: {service} failed to start ({e.faultString}); see {log}") from None
+        return True
+
+    def stop(self, node: str, service: str) -> None:
+        if not self.agent(node):
+            return
+        try:
+            self._rpc(node).supervisor.stopProcess(service, True)
+        except xmlrpc.client.Fault as e:
+            if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
+                raise HaflowError(f"{node}: could not stop {service}: {e.faultString}") from None
+
+    def restart(self, node: str, service: str) -> None:
+        self.stop(node, service)
+        self.start(node, service)
+
+    def signal(self, node: str, service: str, sig: int) -> bool:
+        ref = self.service_proc(node, service)
+        return bool(ref and ref.send(sig))
+
+    def service_proc(self, node: str, service: str) -> ProcRef | None:
+        info = self.service_info(node, service)
+        if not info or not info.get("pid"):
+            return None
+        ref = ProcRef(info["pid"], float(info["start"]), f"{node}/{service}")
+        # supervisord's start is the spawn time in whole seconds; trust the live process's own
+        # start time once it matches within that slack.
+        live = ProcRef.of(info["pid"], ref.label)
+        return live if live and abs(live.create_time - ref.create_time) <= 2 else None
+
+    # --- processes and faults ------------------------------------------------------------------
+    def postmaster(self, node: str) -> ProcRef | None:
+        """PostgreSQL's postmaster of this node: Patroni double-forks it, so it is found by the
+        pid file in our own data directory, and checked to be a postgres serving that directory."""
+        pidfile = self.layout(node).pg_data / "postmaster.pid"
+        try:
+            pid = int(pidfile.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        ref = ProcRef.of(pid, f"{node}/postmaster")
+        if ref is None or (p := ref.process()) is None:
+            return None
+        try:
+            if str(self.layout(node).pg_data) not in " ".join(p.cmdline()):
+                return None
+        except Exception:
+            return None
+        return ref
+
+    def processes(self, node: str) -> list[ProcRef]:
+        """Every live process of the node: supervisord, its services and their children, postgres."""
+        refs: list[ProcRef] = []
+        agent = self.agent(node)
+        if agent:
+            refs.append(agent)
+            refs += agent.descendants()
+        pm = self.postmaster(node)
+        if pm:
+            refs.append(pm)
+            refs += pm.descendants()
+        seen: set[int] = set()
+        return [r for r in refs if not (r.pid in seen or seen.add(r.pid))]
+
+    def kill_node(self, node: str) -> list[ProcRef]:
+        """Machine loss: SIGKILL every process of the node at once. Its supervisord dies first, so
+        nothing restarts; the node stays down until `haflow up`."""
+        refs = self.processes(node)
+        agent = self.agent(node)
+        if agent:
+            agent.send(signal.SIGKILL)
+        for r in refs:
+            r.kill_group(signal.SIGKILL) if r.label.endswith("postmaster") else r.send(signal.SIGKILL)
+        left = wait_gone(refs, 10)
+        if left:
+            raise HaflowError(f"{node}: processes survived SIGKILL: {[r.pid for r in left]}")
+        return refs
+
+    def reap_leftovers(self, node: str, timeout: float = 30.0) -> None:
+        """After an orderly stop: a postmaster Patroni left behind gets a fast shutdown."""
+        pm = self.postmaster(node)
+        if pm:
+            pm.send(signal.SIGINT)
+            if wait_gone([pm], timeout):
+                pm.kill_group(signal.SIGKILL)
+
+    def purge(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self.run_base, ignore_errors=True)
+
+
+# --- filesystem helpers ------------------------------------------------------------------------
+
+
+def _ids(owner: str | None) -> tuple[int, int] | None:
+    if owner is None or not is_root():
+        return None
+    try:
+        pw = pwd.getpwnam(owner)
+    except KeyError:
+        raise UserError(f"user {owner!r} does not exist; install its package (postgresql creates 'postgres')") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _ensure_dir(d: Directory) -> bool:
+    changed = False
+    if not d.path.is_dir():
+        d.path.mkdir(parents=True, exist_ok=True)
+        changed = True
+    st = d.path.stat()
+    if stat.S_IMODE(st.st_mode) != d.mode:
+        os.chmod(d.path, d.mode)
+        changed = True
+    ids = _ids(d.owner)
+    if ids and (st.st_uid, st.st_gid) != ids:
+        os.chown(d.path, *ids)
+        changed = True
+    return changed
+
+
+def _ensure_file(f: File) -> bool:
+    """Write the file if its content, mode or owner differ; True if anything changed."""
+    ids = _ids(f.owner)
+    try:
+        st = f.path.stat()
+        same = (
+            f.path.read_text() == f.content
+            and stat.S_IMODE(st.st_mode) == f.mode
+            and (ids is None or (st.st_uid, st.st_gid) == ids)
+        )
+        if same:
+            return False
+    except FileNotFoundError:
+        pass
+    f.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.path.with_name(f".{f.path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, f.mode)
+    with os.fdopen(fd, "w") as out:
+        out.write(f.content)
+    os.chmod(tmp, f.mode)
+    if ids:
+        os.chown(tmp, *ids)
+    os.replace(tmp, f.path)
+    return True
+
+
+def _escape(value: str) -> str:
+    """supervisord expands %(name)s in its config: a literal % must be doubled."""
+    return str(value).replace("%", "%%")
+
+
+def group_names(user: str) -> set[int]:
+    pw = pwd.getpwnam(user)
+    return {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}

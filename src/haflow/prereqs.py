@@ -1,0 +1,145 @@
+"""System prerequisites and runtime virtualenvs.
+
+Binaries come from the distro (apt, installed when haflow runs as root on Debian/Ubuntu;
+otherwise the exact command to run is the error). Python services (Patroni; later Airflow)
+live in their own venvs built from the distro's Python, so the service users can execute them.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from haflow.components import patroni
+from haflow.errors import HaflowError, UserError
+from haflow.hosts.local import group_names, is_root
+from haflow.spec import Spec
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+COMPLETE_MARKER = ".haflow-complete"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Requirement:
+    what: str
+    present: Callable[[], bool]
+    apt: str
+
+
+def system_requirements(spec: Spec) -> list[Requirement]:
+    pg = spec.database.postgres_version
+    return [
+        Requirement("etcd", lambda: shutil.which("etcd") is not None, "etcd-server"),
+        Requirement("etcdctl", lambda: shutil.which("etcdctl") is not None, "etcd-client"),
+        Requirement("haproxy", lambda: shutil.which("haproxy") is not None, "haproxy"),
+        Requirement(
+            f"PostgreSQL {pg} server",
+            lambda: (patroni.bin_dir(pg) / "postgres").exists() and (patroni.bin_dir(pg) / "pg_rewind").exists(),
+            f"postgresql-{pg}",
+        ),
+        Requirement("python3-venv", _system_venv_available, "python3-venv"),
+    ]
+
+
+def _system_venv_available() -> bool:
+    if not SYSTEM_PYTHON.exists():
+        return False
+    r = subprocess.run([str(SYSTEM_PYTHON), "-c", "import venv, ensurepip"], capture_output=True)
+    return r.returncode == 0
+
+
+def missing(spec: Spec) -> list[Requirement]:
+    return [r for r in system_requirements(spec) if not r.present()]
+
+
+def ensure_system(spec: Spec, progress: Progress) -> list[str]:
+    """Install missing distro packages (as root with apt) or explain how; returns what was installed."""
+    need = missing(spec)
+    if not need:
+        return []
+    packages = sorted({r.apt for r in need})
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    if not is_root() or shutil.which("apt-get") is None:
+        what = ", ".join(r.what for r in need)
+        raise UserError(f"missing {what}; install with: sudo apt-get update && sudo {' '.join(cmd)}")
+    progress(f"installing {' '.join(packages)} with apt")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-qq"], cmd):
+        r = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+            raise UserError(f"`{' '.join(argv)}` failed ({tail[0]}); fix apt and re-run `haflow up`")
+    still = missing(spec)
+    if still:
+        raise UserError(f"still missing after apt: {', '.join(r.what for r in still)}")
+    return packages
+
+
+def ensure_venv(venv: Path, requirements: list[str], progress: Progress) -> bool:
+    """Create (or repair) a runtime venv with exactly these requirements; True if built.
+    A marker written last makes an interrupted build be redone rather than trusted."""
+    marker = venv / COMPLETE_MARKER
+    wanted = "\n".join(requirements)
+    if marker.exists() and marker.read_text() == wanted:
+        return False
+    if venv.exists():
+        shutil.rmtree(venv)
+    progress(f"building runtime venv {venv.name} ({', '.join(requirements)})")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    _run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], "create the venv")
+    _run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", *requirements], f"pip install {' '.join(requirements)}")
+    _make_world_readable(venv)
+    marker.write_text(wanted)
+    return True
+
+
+def _run(argv: list[str], what: str) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise HaflowError(f"could not {what}: {' | '.join(tail)}")
+
+
+def _make_world_readable(root: Path) -> None:
+    """Service users (postgres) must read and execute the venv that root built."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                continue
+            mode = p.stat().st_mode
+            extra = stat.S_IRGRP | stat.S_IROTH
+            if p.is_dir() or mode & stat.S_IXUSR:
+                extra |= stat.S_IXGRP | stat.S_IXOTH
+            os.chmod(p, stat.S_IMODE(mode) | extra)
+
+
+def check_traversable(path: Path, user: str) -> None:
+    """The service user must be able to reach its files: every ancestor needs execute for it."""
+    if not is_root() or user == "root":
+        return
+    pw = pwd.getpwnam(user)
+    groups = group_names(user)
+    for d in [path, *path.parents]:
+        if not d.exists():
+            continue
+        st = d.stat()
+        if st.st_uid == pw.pw_uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            raise UserError(
+                f"{path} is not reachable by user {user!r} ({d} is mode {stat.S_IMODE(st.st_mode):o}); "
+                f"use a state directory it can reach, e.g. --state-dir /var/lib/haflow/{path.parent.name or 'cluster'}"
+            )
