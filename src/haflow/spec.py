@@ -167,35 +167,43 @@ class Spec(_Strict):
         return [n for n in self.nodes if n.name in names]
 
 
-def cross_field_problems(spec: Spec) -> list[str]:
-    """Problems that involve several fields; each line starts with the field path."""
+def cross_field_problems(data: dict[str, Any]) -> list[str]:
+    """Problems that involve several fields; each line starts with the field path.
+
+    Works on the raw document so they are reported together with per-field errors."""
+    nodes = [n for n in data.get("nodes") or [] if isinstance(n, dict)] if isinstance(data.get("nodes"), list) else []
+    etcd = data.get("etcd") if isinstance(data.get("etcd"), dict) else {}
+    ports = {**Ports().model_dump(), **(data.get("ports") if isinstance(data.get("ports"), dict) else {})}
     problems: list[str] = []
-    if len(spec.nodes) < 3:
-        problems.append(f"nodes: {len(spec.nodes)} node(s) given; an HA cluster needs at least 3 (add nodes)")
-    problems += _duplicates(spec, "name")
-    problems += _duplicates(spec, "address")
-    names = [n.name for n in spec.nodes]
-    members = spec.etcd.members if spec.etcd.members is not None else names
-    for i, m in enumerate(members):
+    if "nodes" in data and len(nodes) < 3:
+        problems.append(f"nodes: {len(nodes)} node(s) given; an HA cluster needs at least 3 (add nodes)")
+    problems += _duplicates(nodes, "name")
+    problems += _duplicates(nodes, "address")
+    names = [str(n.get("name")) for n in nodes]
+    explicit = etcd.get("members")
+    members = [str(m) for m in explicit] if isinstance(explicit, list) else names
+    for i, m in enumerate(members if isinstance(explicit, list) and names else []):
         if m not in names:
             problems.append(f"etcd.members[{i}]: {m!r} is not a node of this spec; use one of {', '.join(names)}")
     if len(set(members)) != len(members):
         problems.append("etcd.members: a node is listed twice; list each member once")
-    if len(set(members)) % 2 == 0:
-        where = "etcd.members" if spec.etcd.members is not None else "nodes"
+    if members and len(set(members)) % 2 == 0:
+        where = "etcd.members" if isinstance(explicit, list) else "nodes"
         problems.append(
             f"{where}: {len(set(members))} etcd members is an even number; a quorum needs an odd count "
             "(3 or 5): set etcd.members to an odd subset of the nodes"
         )
-    problems += _port_clashes(spec)
+    problems += _port_clashes(ports)
     return problems
 
 
-def _duplicates(spec: Spec, attr: str) -> list[str]:
-    seen: dict[str, int] = {}
+def _duplicates(nodes: list[dict[str, Any]], attr: str) -> list[str]:
+    seen: dict[Any, int] = {}
     out = []
-    for i, n in enumerate(spec.nodes):
-        v = getattr(n, attr)
+    for i, n in enumerate(nodes):
+        v = n.get(attr)
+        if v is None:
+            continue
         if v in seen:
             out.append(f"nodes[{i}].{attr}: {v!r} is already used by nodes[{seen[v]}]; every node needs its own {attr}")
         else:
@@ -203,14 +211,14 @@ def _duplicates(spec: Spec, attr: str) -> list[str]:
     return out
 
 
-def _port_clashes(spec: Spec) -> list[str]:
+def _port_clashes(ports: dict[str, Any]) -> list[str]:
     """Two services of one node on the same address and port can never both start."""
-    by_port: dict[int, list[str]] = defaultdict(list)
-    for field, port in spec.ports.model_dump().items():
+    by_port: dict[Any, list[str]] = defaultdict(list)
+    for field, port in ports.items():
         by_port[port].append(field)
     return [
         f"ports.{fields[1]}: port {port} is also used by ports.{fields[0]} on the same address; give each service its own port"
-        for port, fields in sorted(by_port.items())
+        for port, fields in by_port.items()
         if len(fields) > 1
     ]
 
@@ -262,15 +270,16 @@ def parse_spec(data: Any, source: str = "spec") -> Spec:
     """Validate a parsed YAML document; raise SpecError listing every problem."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the spec must be a YAML mapping (cluster:, nodes:, ...)")
+    lines: list[str] = []
+    spec: Spec | None = None
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
         known = _known_keys()
         lines = [_friendly(err, known) for err in e.errors()]
-        raise SpecError(f"{source}: {len(lines)} problem(s) in the spec", details=lines) from None
-    problems = cross_field_problems(spec)
-    if problems:
-        raise SpecError(f"{source}: {len(problems)} problem(s) in the spec", details=problems)
+    lines += [p for p in cross_field_problems(data) if p not in lines]
+    if lines or spec is None:
+        raise SpecError(f"{source}: {len(lines)} problem(s) in the spec", details=lines)
     return spec
 
 

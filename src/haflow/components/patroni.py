@@ -30,8 +30,12 @@ BASE_PARAMETERS: dict[str, Any] = {
 }
 
 
+def venv_dir_for(venvs: Path, version: str) -> Path:
+    return venvs / f"patroni-{version}"
+
+
 def venv_dir(layout: NodeLayout, version: str) -> Path:
-    return layout.venvs / f"patroni-{version}"
+    return venv_dir_for(layout.venvs, version)
 
 
 def requirement(version: str) -> str:

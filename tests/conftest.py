@@ -1,0 +1,23 @@
+import shutil
+
+import pytest
+
+from haflow.components import patroni
+from haflow.hosts.local import default_venvs_dir
+from haflow.prereqs import ensure_venv
+
+
+@pytest.fixture(scope="session")
+def patroni_venv():
+    """The real Patroni runtime venv (built once, reused like `haflow up` reuses it)."""
+    version = "4.1.5"
+    venv = patroni.venv_dir_for(default_venvs_dir(), version)
+    ensure_venv(venv, [patroni.requirement(version)], lambda _: None)
+    return venv
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; .ci/run installs it (apt-get install haproxy etcd-server)")
+    return path

@@ -1,0 +1,99 @@
+"""Rendered configs are accepted by the real tools: `patroni --validate-config`, `haproxy -c`."""
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from haflow.cluster import Cluster
+from haflow.components import etcd, haproxy, patroni
+from haflow.spec import default_spec_text, parse_spec
+from tests.conftest import require_binary
+
+# Addresses nothing listens on: Patroni's validator checks that its ports are free.
+ADDRESSES = ["127.0.0.91", "127.0.0.92", "127.0.0.93"]
+
+
+def cluster(tmp_path: Path) -> Cluster:
+    data = yaml.safe_load(default_spec_text())
+    for node, addr in zip(data["nodes"], ADDRESSES):
+        node["address"] = addr
+    return Cluster(parse_spec(data), tmp_path / "state")
+
+
+def file_of(c: Cluster, node: str, name: str):
+    return next(f for f in c.desired(node).files if f.path.name == name)
+
+
+@pytest.fixture
+def etcd_ports_open():
+    """Patroni's validator TCP-connects to each etcd host; it only needs the port to accept."""
+    socks = []
+    for addr in ADDRESSES:
+        s = socket.socket()
+        s.bind((addr, 2379))
+        s.listen()
+        socks.append(s)
+    yield
+    for s in socks:
+        s.close()
+
+
+def test_patroni_config_passes_patroni_validate_config(tmp_path, patroni_venv, etcd_ports_open):
+    c = cluster(tmp_path)
+    for node in c.facts.node_names:
+        f = file_of(c, node, "patroni.yml")
+        assert f.mode == 0o600  # holds passwords
+        out = tmp_path / f"{node}-patroni.yml"
+        out.write_text(f.content)
+        r = subprocess.run([str(patroni_venv / "bin/patroni"), "--validate-config", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_patroni_config_has_the_measured_defaults(tmp_path):
+    c = cluster(tmp_path)
+    conf = yaml.safe_load(file_of(c, "node2", "patroni.yml").content)
+    dcs = conf["bootstrap"]["dcs"]
+    assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (20, 5, 5)
+    assert dcs["synchronous_mode"] is True and dcs["failsafe_mode"] is True
+    assert dcs["postgresql"]["use_pg_rewind"] is True
+    assert conf["etcd3"]["hosts"] == [f"{a}:2379" for a in ADDRESSES]
+    assert "etcd" not in conf  # v3 API only
+    pg = conf["postgresql"]
+    assert pg["listen"] == "127.0.0.92:5432"
+    assert pg["parameters"]["unix_socket_directories"].endswith("/node2/pg")
+    # pg_hba: only the cluster's addresses (+127.0.0.1, the source of loopback traffic), scram only
+    hosts = [l for l in pg["pg_hba"] if l.startswith("host")]
+    assert all(l.endswith("scram-sha-256") for l in pg["pg_hba"])
+    assert {l.split()[3] for l in hosts} == {f"{a}/32" for a in ADDRESSES} | {"127.0.0.1/32"}
+
+
+def test_haproxy_config_passes_haproxy_check(tmp_path):
+    require_binary("haproxy")
+    c = cluster(tmp_path)
+    f = file_of(c, "node1", "haproxy.cfg")
+    out = tmp_path / "haproxy.cfg"
+    out.write_text(f.content)
+    r = subprocess.run(["haproxy", "-c", "-f", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "option httpchk GET /primary" in f.content and "option httpchk GET /replica" in f.content
+    assert "inter 1000ms fall 2 rise 1 on-marked-down shutdown-sessions" in f.content
+    assert "bind 127.0.0.91:5000" in f.content and "0.0.0.0" not in f.content
+    assert f.content.count("check port 8008") == 6
+
+
+def test_etcd_config_binds_only_the_node_address(tmp_path):
+    c = cluster(tmp_path)
+    conf = yaml.safe_load(file_of(c, "node3", "etcd.yaml").content)
+    assert conf["listen-client-urls"] == "http://127.0.0.93:2379"
+    assert conf["initial-cluster"] == ",".join(f"node{i + 1}=http://{a}:2380" for i, a in enumerate(ADDRESSES))
+    assert conf["enable-v2"] is False and conf["enable-grpc-gateway"] is True
+
+
+def test_rendering_is_deterministic(tmp_path):
+    c = cluster(tmp_path)
+    first = {f.path: f.content for f in c.desired("node1").files}
+    second = {f.path: f.content for f in cluster(tmp_path).desired("node1").files}
+    assert first == second
