@@ -46,7 +46,7 @@ class Writer(threading.Thread):
         self.interval_s = interval_s
         self.connect_timeout_s = connect_timeout_s
         self.log = WriteLog()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def _connect(self, endpoint: str) -> psycopg.Connection:
         host, port = endpoint.rsplit(":", 1)
@@ -61,7 +61,7 @@ class Writer(threading.Thread):
         n = 0
         conn: psycopg.Connection | None = None
         turn = 0
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             n += 1
             wid = self.run_id * 10_000_000 + n
             try:
@@ -83,12 +83,12 @@ class Writer(threading.Thread):
                 turn += 1  # try the next balancer endpoint, if several were given
                 time.sleep(0.05)
                 continue
-            self._stop.wait(self.interval_s)
+            self._stopping.wait(self.interval_s)
         if conn is not None:
             conn.close()
 
     def stop(self) -> WriteLog:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=10)
         return self.log
 

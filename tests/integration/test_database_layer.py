@@ -1,0 +1,201 @@
+"""The HA database layer for real: etcd x3 + Patroni/PostgreSQL x3 + HAProxy x3 on this machine.
+
+One cluster for the whole module, driven through the real `haflow` CLI. The tests run in file
+order: bring-up, routing, idempotence, losing the leader's node under write load, rejoin, down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+import yaml
+
+from haflow.cluster import Cluster
+from haflow.components import patroni
+from haflow.drills.writer import Writer, lost_writes
+from haflow.spec import default_spec_text, load_spec
+
+pytestmark = pytest.mark.integration
+
+ADDRESSES = ["127.0.0.31", "127.0.0.32", "127.0.0.33"]  # away from a developer's default cluster
+HAFLOW = [sys.executable, "-m", "haflow.cli"]
+
+
+def haflow(env, *args, check=True, timeout=600):
+    r = subprocess.run([*HAFLOW, *args, "-f", str(env["spec"])], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"haflow {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def status(env) -> dict:
+    return json.loads(haflow(env, "status", "--json", check=False).stdout)
+
+
+@pytest.fixture(scope="module")
+def env():
+    # /var/tmp, world-traversable: PostgreSQL runs as `postgres` and must reach its data dir.
+    root = Path(tempfile.mkdtemp(prefix="haflow-it-", dir="/var/tmp"))
+    root.chmod(0o755)
+    data = yaml.safe_load(default_spec_text())
+    data["cluster"] = "itest"
+    for node, addr in zip(data["nodes"], ADDRESSES):
+        node["address"] = addr
+    spec_path = root / "cluster.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    cluster = Cluster(load_spec(spec_path), root / ".haflow")
+    e = {"spec": spec_path, "cluster": cluster, "root": root}
+    yield e
+    # Teardown: orderly down; whatever survives is killed by its verified PID, never by name.
+    subprocess.run([*HAFLOW, "down", "-f", str(spec_path)], capture_output=True, timeout=300)
+    for node in cluster.facts.node_names:
+        cluster.host.kill_node(node)
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+
+
+def superuser(env):
+    return env["cluster"].secrets["postgres_superuser"]
+
+
+def query(endpoint: str, account, sql: str, dbname="postgres"):
+    host, port = endpoint.rsplit(":", 1)
+    with psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
+                         dbname=dbname, connect_timeout=3, autocommit=True) as conn:
+        cur = conn.execute(sql)
+        return cur.fetchall() if cur.description else []
+
+
+def test_up_brings_a_healthy_layer(env):
+    r = haflow(env, "up")
+    assert "is up" in r.stdout
+    snap = status(env)
+    assert snap["healthy"] is True, snap
+    db = snap["layers"]["database"]
+    roles = sorted(m["role"] for m in db["members"])
+    assert roles == ["leader", "replica", "sync_standby"]
+    assert [m["state"] for m in db["members"] if m["role"] != "leader"] == ["streaming", "streaming"]
+    assert snap["layers"]["dcs"]["leader"] in env["cluster"].facts.node_names
+    assert all(m["healthy"] for m in snap["layers"]["dcs"]["members"])
+    assert snap["layers"]["balancer"]["endpoints"]["postgres_primary"] == [f"{a}:5000" for a in ADDRESSES]
+
+
+def test_secrets_file_is_0600_and_json_has_accounts(env):
+    path = env["root"] / ".haflow" / "secrets.yaml"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    shown = json.loads(haflow(env, "secrets", "show", "--json").stdout)
+    assert shown["postgres_airflow"]["username"] == "airflow" and shown["postgres_airflow"]["password"]
+    conf = env["root"] / ".haflow" / "nodes" / "node1" / "patroni.yml"
+    assert oct(conf.stat().st_mode & 0o777) == "0o600"
+    assert shown["postgres_superuser"]["password"] not in haflow(env, "status").stdout
+
+
+def test_writes_through_every_balancer_reach_the_leader(env):
+    facts = env["cluster"].facts
+    leader = status(env)["layers"]["database"]["leader"]
+    leader_addr = facts.node(leader).address
+    su = superuser(env)
+    query(facts.nodes[0].pg_primary, su, "CREATE TABLE IF NOT EXISTS routing_check (node text, served_by inet)")
+    for n in facts.nodes:
+        rows = query(n.pg_primary, su, f"INSERT INTO routing_check VALUES ('{n.name}', inet_server_addr()) "
+                                       "RETURNING host(served_by), pg_is_in_recovery()")
+        assert rows == [(leader_addr, False)], n.name
+    # and the replica ports reach replicas
+    for n in facts.nodes:
+        ((in_recovery,),) = query(n.pg_replicas, su, "SELECT pg_is_in_recovery()")
+        assert in_recovery is True
+
+
+def test_airflow_role_and_database_exist(env):
+    facts = env["cluster"].facts
+    airflow = env["cluster"].secrets["postgres_airflow"]
+    ((user, db),) = query(facts.nodes[1].pg_primary, airflow, "SELECT current_user, current_database()", dbname="airflow")
+    assert (user, db) == ("airflow", "airflow")
+
+
+def test_second_up_changes_nothing(env):
+    r = haflow(env, "up", "--json")
+    assert json.loads(r.stdout)["up"]["changed"] == []
+
+
+def test_losing_the_leaders_node_loses_no_acknowledged_write_and_it_rejoins(env):
+    cluster: Cluster = env["cluster"]
+    facts = cluster.facts
+    before = status(env)["layers"]["database"]
+    old_leader = before["leader"]
+    survivor = next(n for n in facts.nodes if n.name != old_leader)
+    su = superuser(env)
+    data_inode = cluster.host.layout(old_leader).pg_data.stat().st_ino
+    patroni_log = cluster.host.layout(old_leader).logs / "patroni.log"
+    basebackups_before = patroni_log.read_text().count("created using basebackup")
+
+    writer = Writer([survivor.pg_primary], su.username, su.password, "postgres", run_id=1)
+    writer.ensure_table()
+    writer.start()
+    time.sleep(3)
+    killed_at = time.time()
+    victims = cluster.kill_node(old_leader)
+    names = {v.label.split("/")[1].split()[0] for v in victims}
+    assert {"supervisord", "postmaster"} <= names
+
+    # A new leader takes over while the dead node stays dead (nothing restarts it).
+    deadline = time.time() + 90
+    new_leader = None
+    while time.time() < deadline:
+        new_leader = patroni.probe(facts)["leader"]
+        if new_leader and new_leader != old_leader and writer.log.first_ack_after(killed_at + 0.5):
+            break
+        time.sleep(0.5)
+    assert new_leader and new_leader != old_leader, "no new leader"
+    time.sleep(2)
+    log = writer.stop()
+    assert not cluster.host.node_up(old_leader) and cluster.host.processes(old_leader) == []
+
+    first_after = log.first_ack_after(killed_at)
+    assert first_after is not None, "writes did not resume through the surviving balancer"
+    lost = lost_writes(log, survivor.pg_primary, su.username, su.password, "postgres")
+    assert lost == [], f"acknowledged writes lost: {lost}"
+    assert len(log.acknowledged) > 50
+
+    # The node comes back with `haflow up` and rejoins as a streaming replica, rewound in place.
+    haflow(env, "up")
+    snap = status(env)
+    assert snap["healthy"], snap
+    member = next(m for m in snap["layers"]["database"]["members"] if m["node"] == old_leader)
+    assert member["role"] in ("replica", "sync_standby") and member["state"] == "streaming"
+    assert cluster.host.layout(old_leader).pg_data.stat().st_ino == data_inode  # no re-copy
+    assert patroni_log.read_text().count("created using basebackup") == basebackups_before
+    # every acknowledged row is on the rejoined node too
+    node_pg = facts.node(old_leader).postgres
+    lo, hi = min(log.acknowledged), max(log.acknowledged)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        ((count,),) = query(node_pg, su, f"SELECT count(*) FROM haflow_canary_writes WHERE id BETWEEN {lo} AND {hi}")
+        if count >= len(log.acknowledged):
+            break
+        time.sleep(0.5)
+    assert count >= len(log.acknowledged)
+
+
+def test_down_leaves_no_process_behind(env):
+    cluster: Cluster = env["cluster"]
+    procs = [r for n in cluster.facts.node_names for r in cluster.host.processes(n)]
+    assert len(procs) > 20
+    haflow(env, "down")
+    time.sleep(0.5)
+    assert [r for r in procs if r.alive()] == []
+    assert all(cluster.host.processes(n) == [] for n in cluster.facts.node_names)
+    listening = [c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.ip in ADDRESSES]
+    assert listening == []
+    # data is kept: a second up restarts the same cluster
+    assert (env["root"] / ".haflow" / "nodes" / "node1" / "pg" / "data" / "PG_VERSION").exists()
