@@ -153,6 +153,26 @@ def status(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> Non
     sys.exit(0 if snap["healthy"] else 1)
 
 
+@cli.command()
+@spec_options
+@click.option("--install", is_flag=True, help="Install what is missing (apt as root) and build the runtime venvs.")
+@handle_errors
+def prereqs(spec_file: Path | None, state_dir: Path | None, install: bool) -> None:
+    """Check (or install) the system packages and runtime venvs the cluster needs."""
+    from haflow import prereqs as prereqs_mod
+
+    cluster = make_cluster(spec_file, state_dir, Progress())
+    if install:
+        done = cluster.ensure_prerequisites()
+        out.print("prerequisites ready" + (f": {', '.join(done)}" if done else " (nothing to do)"))
+        return
+    need = prereqs_mod.missing(cluster.spec)
+    if need:
+        packages = " ".join(sorted({r.apt for r in need}))
+        raise UserError(f"missing {', '.join(r.what for r in need)}; install with: sudo apt-get install -y {packages} (or `haflow prereqs --install` as root)")
+    out.print("system prerequisites present")
+
+
 @cli.group()
 def secrets() -> None:
     """The cluster's generated accounts and passwords."""

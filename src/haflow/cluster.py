@@ -68,15 +68,8 @@ class Cluster:
         """Bring every layer up (or back) in order; idempotent. Returns what changed."""
         t0 = time.monotonic()
         changed: list[str] = []
-        self.say("checking prerequisites")
-        installed = prereqs.ensure_system(self.spec, self.say)
-        changed += [f"installed {p}" for p in installed]
-        layout = self.host.layout(self.facts.node_names[0])
-        prereqs.check_traversable(self.state_dir, layout.db_user)
-        venv = patroni.venv_dir(layout, self.spec.database.patroni_version)
-        if prereqs.ensure_venv(venv, [patroni.requirement(self.spec.database.patroni_version)], self.say):
-            changed.append(f"built {venv}")
-        prereqs.check_traversable(venv, layout.db_user)
+        changed += self.ensure_prerequisites()
+        prereqs.check_traversable(self.state_dir, self.host.layout(self.facts.node_names[0]).db_user)
 
         file_changes: dict[str, list[Path]] = {}
         for node in self.facts.node_names:
@@ -110,6 +103,17 @@ class Cluster:
         leader = self.facts.node(db["leader"])
         changed += postgres.ensure_airflow_database(self.facts, self.secrets, leader.pg_primary)
         return {"changed": changed, "elapsed_s": round(time.monotonic() - t0, 1)}
+
+    def ensure_prerequisites(self) -> list[str]:
+        """Distro packages and runtime venvs; returns what was installed (nothing on a re-run)."""
+        self.say("checking prerequisites")
+        changed = [f"installed {p}" for p in prereqs.ensure_system(self.spec, self.say)]
+        layout = self.host.layout(self.facts.node_names[0])
+        venv = patroni.venv_dir(layout, self.spec.database.patroni_version)
+        if prereqs.ensure_venv(venv, [patroni.requirement(self.spec.database.patroni_version)], self.say):
+            changed.append(f"built {venv}")
+        prereqs.check_traversable(venv, layout.db_user)
+        return changed
 
     def _ensure_service(
         self, service: str, nodes: list[str], file_changes: dict[str, list[Path]], reload_signal: str | None = None
