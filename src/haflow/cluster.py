@@ -69,7 +69,10 @@ class Cluster:
         t0 = time.monotonic()
         changed: list[str] = []
         changed += self.ensure_prerequisites()
-        prereqs.check_traversable(self.state_dir, self.host.layout(self.facts.node_names[0]).db_user)
+        problems = [p for n in self.facts.node_names
+                    for p in self.host.preflight(n, self.facts.node(n).address, self.facts.listen_ports(n))]
+        if problems:
+            raise UserError(f"cannot start the cluster here: {len(problems)} problem(s)", details=problems)
 
         file_changes: dict[str, list[Path]] = {}
         for node in self.facts.node_names:
@@ -102,6 +105,9 @@ class Cluster:
 
         leader = self.facts.node(db["leader"])
         changed += postgres.ensure_airflow_database(self.facts, self.secrets, leader.pg_primary)
+        moved = etcd.move_leader_away(self.facts, leader.name)
+        if moved:
+            changed.append(f"moved etcd leadership from {leader.name} to {moved} (off the primary's node)")
         return {"changed": changed, "elapsed_s": round(time.monotonic() - t0, 1)}
 
     def ensure_prerequisites(self) -> list[str]:

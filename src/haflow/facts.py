@@ -38,6 +38,7 @@ class NodeLayout:
     """Where one node's files live and as whom its database runs; built by the host."""
 
     root: Path  # config + data of this node
+    db_root: Path  # what the database user reads and writes: Patroni config, PGDATA (see hosts)
     run: Path  # sockets and pid files (short path: unix sockets are limited to 107 bytes)
     logs: Path
     venvs: Path  # runtime virtualenvs, shared by the nodes of a host
@@ -49,7 +50,7 @@ class NodeLayout:
 
     @property
     def pg_home(self) -> Path:
-        return self.root / "pg"
+        return self.db_root
 
     @property
     def pg_data(self) -> Path:
@@ -91,6 +92,14 @@ class ClusterFacts:
             pg_replicas=hostport(n.address, p.pg_replicas),
             haproxy_stats_url=f"http://{hostport(n.address, p.haproxy_stats)}/",
         )
+
+    def listen_ports(self, node: str) -> dict[int, str]:
+        """Every TCP port a node's services bind on its address, with the spec field naming it."""
+        n = self.node(node)
+        ports = self.spec.ports.model_dump()
+        if not n.is_etcd_member:
+            ports = {k: v for k, v in ports.items() if not k.startswith("etcd_")}
+        return {port: f"ports.{field}" for field, port in ports.items()}
 
     def node(self, name: str) -> NodeFacts:
         self.spec.node(name)  # raises a UserError naming the known nodes

@@ -8,7 +8,6 @@ live in their own venvs built from the distro's Python, so the service users can
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import stat
 import subprocess
@@ -18,7 +17,7 @@ from typing import Callable
 
 from haflow.components import patroni
 from haflow.errors import HaflowError, UserError
-from haflow.hosts.local import group_names, is_root
+from haflow.hosts.local import is_root, unreachable_ancestor
 from haflow.spec import Spec
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -126,20 +125,9 @@ def check_traversable(path: Path, user: str) -> None:
     """The service user must be able to reach its files: every ancestor needs execute for it."""
     if not is_root() or user == "root":
         return
-    pw = pwd.getpwnam(user)
-    groups = group_names(user)
-    for d in [path, *path.parents]:
-        if not d.exists():
-            continue
-        st = d.stat()
-        if st.st_uid == pw.pw_uid:
-            ok = st.st_mode & stat.S_IXUSR
-        elif st.st_gid in groups:
-            ok = st.st_mode & stat.S_IXGRP
-        else:
-            ok = st.st_mode & stat.S_IXOTH
-        if not ok:
-            raise UserError(
-                f"{path} is not reachable by user {user!r} ({d} is mode {stat.S_IMODE(st.st_mode):o}); "
-                f"use a state directory it can reach, e.g. --state-dir /var/lib/haflow/{path.parent.name or 'cluster'}"
-            )
+    blocked = unreachable_ancestor(path, user)
+    if blocked is not None:
+        raise UserError(
+            f"{path} is not reachable by user {user!r} ({blocked} is mode {stat.S_IMODE(blocked.stat().st_mode):o}); "
+            f"set HAFLOW_VENVS to a directory it can reach, e.g. /var/lib/haflow/venvs"
+        )

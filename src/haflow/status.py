@@ -36,11 +36,7 @@ def problems(snap: dict[str, Any]) -> list[str]:
     for n in snap["nodes"]:
         if not n["supervisor"]:
             out.append(f"{n['node']}: node is down (its supervisor is not running); `haflow up` restarts it")
-    bad_etcd = [m["node"] for m in layers["dcs"]["members"] if not m["healthy"]]
-    if bad_etcd:
-        out.append(f"dcs: etcd member(s) not healthy: {', '.join(bad_etcd)}")
-    if not layers["dcs"]["leader"]:
-        out.append("dcs: no etcd leader (quorum lost?)")
+    out += [f"dcs: {p}" for p in layers["dcs"].get("problems", [])]
     out += [f"database: {p}" for p in layers["database"].get("problems", [])]
     for m in layers["balancer"]["members"]:
         if not m["healthy"]:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from haflow.cluster import Cluster
-from haflow.components import patroni
+from haflow.components import etcd, patroni
 from haflow.drills.writer import Writer, lost_writes
 from haflow.spec import default_spec_text, load_spec
 
@@ -157,6 +157,11 @@ def test_losing_the_leaders_node_loses_no_acknowledged_write_and_it_rejoins(env)
             break
         time.sleep(0.5)
     assert new_leader and new_leader != old_leader, "no new leader"
+    # Patroni's on_role_change callback moved etcd's raft leadership off the new primary's node.
+    deadline = time.time() + 15
+    while time.time() < deadline and etcd.leader_name(facts) in (new_leader, None):
+        time.sleep(0.5)
+    assert etcd.leader_name(facts) not in (new_leader, old_leader, None)
     time.sleep(2)
     log = writer.stop()
     assert not cluster.host.node_up(old_leader) and cluster.host.processes(old_leader) == []

@@ -71,3 +71,19 @@ def test_status_on_a_stopped_cluster_exits_1_and_says_why(tmp_path, monkeypatch)
     import json
     snap = json.loads(r.stdout)
     assert snap["healthy"] is False and set(snap["layers"]) >= {"dcs", "database", "balancer"}
+
+
+def test_up_with_a_taken_port_exits_2_naming_it(tmp_path):
+    import socket
+    target = tmp_path / "c.yaml"
+    run("init", str(target))
+    data = yaml.safe_load(target.read_text())
+    for node, addr in zip(data["nodes"], ["127.0.0.97", "127.0.0.98", "127.0.0.99"]):
+        node["address"] = addr
+    target.write_text(yaml.safe_dump(data))
+    with socket.socket() as s:
+        s.bind(("127.0.0.98", 8008))
+        s.listen()
+        r = run("up", "-f", str(target))
+    assert r.returncode == 2, r.stderr
+    assert "127.0.0.98:8008 (ports.patroni_api) is already in use" in r.stderr and "Traceback" not in r.stderr

@@ -13,6 +13,7 @@ from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 
 NAME = "etcd"
 BINARY = "etcd"
+MIN_CLUSTER_VERSION = (3, 4)  # Debian 12 ships 3.4; Patroni needs >= 3.1 for watches
 
 
 def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, Any]:
@@ -68,11 +69,7 @@ def member_health(node: NodeFacts, timeout: float = 2.0) -> bool:
 
 
 def _post(node: NodeFacts, path: str, timeout: float) -> dict[str, Any] | None:
-    try:
-        r = httpx.post(f"{node.etcd_client_url}{path}", json={}, timeout=timeout)
-        return r.json() if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
+    return _post_body(node, path, {}, timeout)
 
 
 def leader_name(facts: ClusterFacts, timeout: float = 2.0) -> str | None:
@@ -88,9 +85,65 @@ def leader_name(facts: ClusterFacts, timeout: float = 2.0) -> str | None:
     return None
 
 
+def cluster_version(facts: ClusterFacts, timeout: float = 2.0) -> str | None:
+    """The version the members agreed to run at ("etcdcluster" of GET /version).
+
+    A fresh cluster reports 3.0.0 for its first moments; a Patroni that starts then falls back to
+    the v3alpha API without watches, which slows every later failover by up to loop_wait."""
+    for node in facts.etcd_members:
+        try:
+            v = httpx.get(f"{node.etcd_client_url}/version", timeout=timeout).json().get("etcdcluster")
+            if v and v != "not_decided":
+                return v
+        except (httpx.HTTPError, ValueError):
+            continue
+    return None
+
+
+def _version_tuple(v: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in (v or "").split(".")[:2])
+    except ValueError:
+        return ()
+
+
 def probe(facts: ClusterFacts) -> dict[str, Any]:
-    """Layer status: `{"healthy", "leader", "members": [{"node", "healthy"}]}`."""
+    """Layer status: `{"healthy", "leader", "cluster_version", "members": [{"node", "healthy"}]}`."""
     members = [{"node": n.name, "healthy": member_health(n)} for n in facts.etcd_members]
     leader = leader_name(facts)
-    healthy = leader is not None and all(m["healthy"] for m in members)
-    return {"healthy": healthy, "leader": leader, "members": members}
+    version = cluster_version(facts)
+    problems = []
+    if leader is None:
+        problems.append("no etcd leader (quorum lost?)")
+    bad = [m["node"] for m in members if not m["healthy"]]
+    if bad:
+        problems.append(f"etcd member(s) not healthy: {', '.join(bad)}")
+    if _version_tuple(version) < MIN_CLUSTER_VERSION:
+        problems.append(f"etcd cluster version {version or 'undecided'} (waiting for >= 3.4)")
+    return {"healthy": not problems, "leader": leader, "cluster_version": version, "members": members, "problems": problems}
+
+
+def move_leader_away(facts: ClusterFacts, avoid: str, timeout: float = 3.0) -> str | None:
+    """If node `avoid` holds etcd's raft leadership, hand it to another healthy member.
+    Returns the member that became leader, or None if nothing was moved."""
+    if leader_name(facts, timeout) != avoid:
+        return None
+    source = next((n for n in facts.etcd_members if n.name == avoid), None)
+    if source is None:
+        return None
+    for peer in facts.etcd_members:
+        if peer.name == avoid or not member_health(peer):
+            continue
+        status = _post(peer, "/v3/maintenance/status", timeout)
+        target = (status or {}).get("header", {}).get("member_id")
+        if target and _post_body(source, "/v3/maintenance/transfer-leadership", {"targetID": target}, timeout) is not None:
+            return peer.name
+    return None
+
+
+def _post_body(node: NodeFacts, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    try:
+        r = httpx.post(f"{node.etcd_client_url}{path}", json=body, timeout=timeout)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None

@@ -6,6 +6,7 @@ of its own process tree), so haflow supervises Patroni only and never starts pos
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def bin_dir(postgres_version: int) -> Path:
 
 
 def config_path(layout: NodeLayout) -> Path:
-    return layout.root / "patroni.yml"
+    return layout.db_root / "patroni.yml"
 
 
 def pg_hba(facts: ClusterFacts, secrets: Secrets) -> list[str]:
@@ -57,6 +58,17 @@ def pg_hba(facts: ClusterFacts, secrets: Secrets) -> list[str]:
         lines.append(f"host replication {repl} {net} scram-sha-256")
         lines.append(f"host all all {net} scram-sha-256")
     return lines
+
+
+CALLBACK_SCRIPT = "etcd_leader_away.py"
+
+
+def callback_command(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str:
+    """on_role_change: keep etcd's leader off the primary's node (see data/etcd_leader_away.py)."""
+    venv = venv_dir(layout, facts.spec.database.patroni_version)
+    local = [node.etcd_client_url] if node.is_etcd_member else []
+    peers = [m.etcd_client_url for m in facts.etcd_members if m.name != node.name]
+    return " ".join([str(venv / "bin/python"), str(layout.db_root / CALLBACK_SCRIPT), *local, *peers])
 
 
 def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, Any]:
@@ -111,6 +123,7 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
             # Per node: several nodes on one machine would otherwise share /var/run/postgresql.
             "parameters": {"unix_socket_directories": str(layout.pg_socket_dir)},
             "pg_hba": pg_hba(facts, secrets),
+            "callbacks": {"on_role_change": callback_command(facts, node, layout)},
         },
         "watchdog": {"mode": "off"},
         "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
@@ -126,7 +139,10 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
             Directory(layout.pg_home, 0o700, user),
             Directory(layout.pg_socket_dir, 0o700, user),
         ],
-        files=[File(conf, yaml.safe_dump(config(facts, node, layout, secrets), sort_keys=False), 0o600, user)],
+        files=[
+            File(conf, yaml.safe_dump(config(facts, node, layout, secrets), sort_keys=False), 0o600, user),
+            File(layout.db_root / CALLBACK_SCRIPT, resources.files("haflow").joinpath("data", CALLBACK_SCRIPT).read_text(), 0o644),
+        ],
         services=[
             Service(
                 name=NAME,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import getpass
 import grp
 import hashlib
+import ipaddress
 import json
 import os
 import pwd
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
 from haflow.components.base import DesiredState, Directory, File, Service
@@ -35,6 +38,8 @@ from haflow.procs import ProcRef, wait_gone
 from haflow.templates import render_template
 
 AGENT_FILE = "agent.json"
+DB_DIR = "pg"
+DB_RELOCATION_BASE = Path("/var/lib/haflow/db")
 RUNNING_STATES = {"RUNNING", "STARTING"}
 
 
@@ -77,20 +82,55 @@ class LocalHost:
         self.state_dir = state_dir
         self.cluster = cluster
         self.run_base = runtime_base(state_dir)
+        self._relocated: bool | None = None
 
     # --- layout ---------------------------------------------------------------------------------
     def layout(self, node: str) -> NodeLayout:
         root = self.state_dir / "nodes" / node
         return NodeLayout(
             root=root,
+            db_root=self._db_base() / node if self._db_relocated() else root / DB_DIR,
             run=self.run_base / node,
             logs=root / "logs",
             venvs=default_venvs_dir(),
             db_user=default_db_user(),
         )
 
+    def _db_relocated(self) -> bool:
+        """As root, PostgreSQL runs as `postgres`, which cannot reach a state directory under,
+        say, /root (mode 0700). Its files then live under /var/lib/haflow/db, linked from the
+        state directory, so `haflow up` works wherever the user runs it."""
+        if self._relocated is None:
+            user = default_db_user()
+            self._relocated = is_root() and user != "root" and not reachable_by(self.state_dir, user)
+        return self._relocated
+
+    def _db_base(self) -> Path:
+        return DB_RELOCATION_BASE / self.run_base.name
+
     def _socket(self, node: str) -> Path:
         return self.layout(node).run / "supervisor.sock"
+
+    # --- preflight ------------------------------------------------------------------------------
+    def preflight(self, node: str, address: str, ports: dict[int, str]) -> list[str]:
+        """Why the node cannot start here: an address this machine lacks, or a port someone else
+        holds. A node whose supervisor runs owns its ports and is not checked."""
+        if self.node_up(node):
+            return []
+        ip = ipaddress.ip_address(address)
+        local = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+        if not ip.is_loopback and address not in local:
+            return [f"{node}: address {address} is not on this machine; the local host runs every node here "
+                    "(use 127.0.0.x addresses, or deploy to real hosts)"]
+        problems = []
+        for port, field in sorted(ports.items()):
+            with socket.socket() as s:
+                try:
+                    s.bind((address, port))
+                except OSError:
+                    problems.append(f"{node}: {address}:{port} ({field}) is already in use{_holder(address, port)}; "
+                                    f"stop that process or choose another {field}")
+        return problems
 
     # --- desired state --------------------------------------------------------------------------
     def apply(self, node: str, desired: DesiredState) -> Changes:
@@ -99,6 +139,9 @@ class LocalHost:
         layout = self.layout(node)
         for d in [Directory(layout.root, 0o755), Directory(layout.run, 0o755), Directory(layout.logs, 0o755), *desired.dirs]:
             _ensure_dir(d)
+        link = layout.root / DB_DIR
+        if layout.db_root != link and not link.is_symlink():
+            link.symlink_to(layout.db_root)
         changed = [f.path for f in desired.files if _ensure_file(f)]
         conf = File(layout.root / "supervisord.conf", self._supervisor_conf(node, layout, desired.services), 0o600)
         if _ensure_file(conf):
@@ -320,6 +363,7 @@ class LocalHost:
 
     def purge(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self._db_base(), ignore_errors=True)
         shutil.rmtree(self.run_base, ignore_errors=True)
 
 
@@ -378,11 +422,48 @@ def _ensure_file(f: File) -> bool:
     return True
 
 
+def _holder(address: str, port: int) -> str:
+    """' by PID (name)' of the listener, when the kernel tells us."""
+    try:
+        for c in psutil.net_connections("tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.laddr.ip in (address, "0.0.0.0") and c.pid:
+                return f" by pid {c.pid} ({psutil.Process(c.pid).name()})"
+    except psutil.Error:
+        pass
+    return ""
+
+
 def _escape(value: str) -> str:
     """supervisord expands %(name)s in its config: a literal % must be doubled."""
     return str(value).replace("%", "%%")
 
 
-def group_names(user: str) -> set[int]:
+def group_ids(user: str) -> set[int]:
     pw = pwd.getpwnam(user)
     return {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+
+
+def unreachable_ancestor(path: Path, user: str) -> Path | None:
+    """The first existing directory on the way to `path` that `user` may not traverse."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    groups = group_ids(user)
+    for d in reversed([path, *path.parents]):
+        if not d.exists():
+            break
+        st = d.stat()
+        if st.st_uid == pw.pw_uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return d
+    return None
+
+
+def reachable_by(path: Path, user: str) -> bool:
+    return unreachable_ancestor(path, user) is None

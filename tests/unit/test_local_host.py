@@ -1,0 +1,77 @@
+"""Local host: idempotent files, and where the database's files go."""
+
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from haflow.components.base import DesiredState, Directory, File
+from haflow.hosts.local import DB_RELOCATION_BASE, LocalHost, is_root, reachable_by
+
+
+def test_apply_reports_changes_once(tmp_path):
+    host = LocalHost(tmp_path / "state", "t")
+    f = File(tmp_path / "state/nodes/n1/x.conf", "a = 1\n", 0o640)
+    desired = DesiredState(dirs=[Directory(tmp_path / "state/nodes/n1/d", 0o700)], files=[f])
+    first = host.apply("n1", desired)
+    assert f.path in first.files and f.path.read_text() == "a = 1\n"
+    assert stat.S_IMODE(f.path.stat().st_mode) == 0o640
+    assert host.apply("n1", desired).files == []
+    f.path.chmod(0o644)  # drift in mode is repaired and reported
+    assert host.apply("n1", desired).files == [f.path]
+
+
+def test_supervisor_config_escapes_percent_signs(tmp_path):
+    from haflow.components.base import Service
+    host = LocalHost(tmp_path / "state", "t")
+    desired = DesiredState(services=[Service("svc", ("/bin/echo", "100%"), env={"A": "5%"})])
+    host.apply("n1", desired)
+    conf = (tmp_path / "state/nodes/n1/supervisord.conf").read_text()
+    assert "100%%" in conf and 'A="5%%"' in conf
+
+
+@pytest.mark.skipif(not is_root(), reason="relocation applies when root runs PostgreSQL as postgres")
+def test_database_files_move_out_of_a_directory_postgres_cannot_reach(tmp_path):
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    os.chmod(hidden, 0o700)
+    host = LocalHost(hidden / "state", "t")
+    assert not reachable_by(hidden / "state", "postgres")
+    layout = host.layout("node1")
+    assert layout.db_root.is_relative_to(DB_RELOCATION_BASE) and layout.db_root.name == "node1"
+    host.apply("node1", DesiredState(dirs=[Directory(layout.db_root, 0o700, "postgres")]))
+    link = hidden / "state/nodes/node1/pg"
+    assert link.is_symlink() and link.resolve() == layout.db_root
+    host.purge()
+    assert not layout.db_root.exists()
+
+
+def test_database_files_stay_in_a_reachable_state_dir():
+    open_dir = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        open_dir.chmod(0o755)
+        host = LocalHost(open_dir / "state", "t")
+        assert host.layout("node1").db_root == open_dir / "state/nodes/node1/pg"
+    finally:
+        shutil.rmtree(open_dir)
+
+
+def test_preflight_names_a_taken_port_and_its_field(tmp_path):
+    import socket
+    host = LocalHost(tmp_path / "state", "t")
+    with socket.socket() as s:
+        s.bind(("127.0.0.97", 2379))
+        s.listen()
+        problems = host.preflight("node1", "127.0.0.97", {2379: "ports.etcd_client", 5432: "ports.postgres"})
+    assert len(problems) == 1
+    assert problems[0].startswith("node1: 127.0.0.97:2379 (ports.etcd_client) is already in use")
+    assert "choose another ports.etcd_client" in problems[0]
+
+
+def test_preflight_refuses_an_address_this_machine_lacks(tmp_path):
+    host = LocalHost(tmp_path / "state", "t")
+    (problem,) = host.preflight("node1", "192.0.2.10", {2379: "ports.etcd_client"})
+    assert "192.0.2.10 is not on this machine" in problem
