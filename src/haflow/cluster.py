@@ -95,6 +95,10 @@ class Cluster:
             lambda: patroni.probe(self.facts),
         )
 
+        patch = patroni.reconcile_dynamic_config(self.facts, self.secrets, self.facts.node(db["leader"]))
+        if patch:
+            changed.append(f"updated Patroni's cluster config: {', '.join(sorted(_flat_keys(patch)))}")
+
         self.say("starting HAProxy")
         changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes)
         self._wait(
@@ -198,6 +202,13 @@ class Cluster:
     def kill_node(self, node: str) -> list[ProcRef]:
         self.facts.node(node)
         return self.host.kill_node(node)
+
+
+def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
 
 
 def _unhealthy_members(status: dict[str, Any]) -> str:

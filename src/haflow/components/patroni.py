@@ -71,6 +71,50 @@ def callback_command(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -
     return " ".join([str(venv / "bin/python"), str(layout.db_root / CALLBACK_SCRIPT), *local, *peers])
 
 
+def dynamic_config(facts: ClusterFacts) -> dict[str, Any]:
+    """Patroni's cluster-wide settings, kept in etcd: written at bootstrap, reconciled by `up`."""
+    db = facts.spec.database
+    return {
+        "ttl": db.ttl,
+        "loop_wait": db.loop_wait,
+        "retry_timeout": db.retry_timeout,
+        "maximum_lag_on_failover": db.maximum_lag_on_failover,
+        "synchronous_mode": db.synchronous_mode,
+        "failsafe_mode": db.failsafe_mode,
+        "postgresql": {
+            "use_pg_rewind": True,
+            "use_slots": True,
+            "parameters": {**BASE_PARAMETERS, **db.parameters},
+        },
+    }
+
+
+def config_drift(desired: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The part of `desired` that `current` does not match (values compared as strings, since
+    Patroni keeps some parameters as strings)."""
+    patch: dict[str, Any] = {}
+    for key, want in desired.items():
+        have = current.get(key)
+        if isinstance(want, dict):
+            sub = config_drift(want, have if isinstance(have, dict) else {})
+            if sub:
+                patch[key] = sub
+        elif str(have).lower() != str(want).lower():
+            patch[key] = want
+    return patch
+
+
+def reconcile_dynamic_config(facts: ClusterFacts, secrets: Secrets, leader: NodeFacts) -> dict[str, Any]:
+    """PATCH Patroni's /config with what the spec says and etcd does not; returns the patch."""
+    auth = (secrets["patroni_restapi"].username, secrets["patroni_restapi"].password)
+    current = httpx.get(f"{leader.patroni_api_url}/config", timeout=5).json()
+    patch = config_drift(dynamic_config(facts), current)
+    if patch:
+        r = httpx.patch(f"{leader.patroni_api_url}/config", json=patch, auth=auth, timeout=10)
+        r.raise_for_status()
+    return patch
+
+
 def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, Any]:
     db = facts.spec.database
     api = f"{node.address}:{facts.spec.ports.patroni_api}"
@@ -98,19 +142,7 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
         },
         "etcd3": {"hosts": facts.etcd_hosts},
         "bootstrap": {
-            "dcs": {
-                "ttl": db.ttl,
-                "loop_wait": db.loop_wait,
-                "retry_timeout": db.retry_timeout,
-                "maximum_lag_on_failover": db.maximum_lag_on_failover,
-                "synchronous_mode": db.synchronous_mode,
-                "failsafe_mode": db.failsafe_mode,
-                "postgresql": {
-                    "use_pg_rewind": True,
-                    "use_slots": True,
-                    "parameters": {**BASE_PARAMETERS, **db.parameters},
-                },
-            },
+            "dcs": dynamic_config(facts),
             "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
         },
         "postgresql": {
@@ -188,7 +220,8 @@ def probe(facts: ClusterFacts) -> dict[str, Any]:
     for name in facts.node_names:
         m = by_name.get(name)
         if m is None:
-            members.append({"node": name, "role": None, "state": "unreachable", "lag_bytes": None, "timeline": None})
+            members.append({"node": name, "role": None, "state": "unreachable", "lag_bytes": None, "timeline": None,
+                            "pending_restart": False})
             continue
         lag = m.get("lag")
         members.append(
@@ -198,6 +231,7 @@ def probe(facts: ClusterFacts) -> dict[str, Any]:
                 "state": m.get("state"),
                 "lag_bytes": lag if isinstance(lag, int) else (0 if m.get("role") == "leader" else None),
                 "timeline": m.get("timeline"),
+                "pending_restart": bool(m.get("pending_restart")),
             }
         )
     leaders = [m for m in members if m["role"] == "leader" and m["state"] == "running"]

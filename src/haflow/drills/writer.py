@@ -93,10 +93,19 @@ class Writer(threading.Thread):
         return self.log
 
 
-def lost_writes(log: WriteLog, endpoint: str, user: str, password: str, dbname: str) -> list[int]:
-    """Acknowledged ids that are not in the table (read back through the primary)."""
+def lost_writes(log: WriteLog, endpoint: str, user: str, password: str, dbname: str, timeout_s: float = 60) -> list[int]:
+    """Acknowledged ids that are not in the table (read back through the primary; retried
+    while the cluster is still settling after a fault)."""
     host, port = endpoint.rsplit(":", 1)
-    with psycopg.connect(host=host, port=int(port), user=user, password=password, dbname=dbname, connect_timeout=5) as conn:
-        lo, hi = min(log.acknowledged), max(log.acknowledged)
-        present = {r[0] for r in conn.execute(f"SELECT id FROM {TABLE} WHERE id BETWEEN %s AND %s", (lo, hi))}
-    return [i for i in log.acknowledged if i not in present]
+    lo, hi = min(log.acknowledged), max(log.acknowledged)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with psycopg.connect(host=host, port=int(port), user=user, password=password, dbname=dbname,
+                                 connect_timeout=5) as conn:
+                present = {r[0] for r in conn.execute(f"SELECT id FROM {TABLE} WHERE id BETWEEN %s AND %s", (lo, hi))}
+            return [i for i in log.acknowledged if i not in present]
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
