@@ -63,6 +63,7 @@ def test_preflight_names_a_taken_port_and_its_field(tmp_path):
     import socket
     host = LocalHost(tmp_path / "state", "t")
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.97", 2379))
         s.listen()
         problems = host.preflight("node1", "127.0.0.97", {2379: "ports.etcd_client", 5432: "ports.postgres"})

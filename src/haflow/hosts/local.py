@@ -125,6 +125,8 @@ class LocalHost:
         problems = []
         for port, field in sorted(ports.items()):
             with socket.socket() as s:
+                # as the servers do: TIME_WAIT leftovers of a just-stopped cluster are no clash
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind((address, port))
                 except OSError:
