@@ -69,7 +69,8 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[str], None] | None = None) -> Cluster:
     spec = load_spec(spec_file)
-    return Cluster(spec, resolve_state_dir(spec_file, state_dir), say or (lambda _: None))
+    return Cluster(spec, resolve_state_dir(spec_file, state_dir), say or (lambda _: None),
+                   spec_dir=spec_file.parent.absolute() if spec_file else None)
 
 
 class Progress:
@@ -105,18 +106,22 @@ def init(path: Path, force: bool) -> None:
 @cli.command()
 @spec_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result and final status as JSON.")
+@click.option("--smoke/--no-smoke", default=None, help="Run the example DAG at the end (default: when something changed).")
 @handle_errors
-def up(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
-    """Start the cluster (or restart what is missing), wait for health, show status."""
+def up(spec_file: Path | None, state_dir: Path | None, as_json: bool, smoke: bool | None) -> None:
+    """Start the cluster (or restart what is missing), wait for health, run the example DAG, show status."""
     cluster = make_cluster(spec_file, state_dir, Progress())
-    result = cluster.up()
+    result = cluster.up(smoke=smoke)
     snap = status_mod.snapshot(cluster)
     if as_json:
         out.print_json(json.dumps({"up": result, "status": snap}))
     else:
         what = f"{len(result['changed'])} change(s)" if result["changed"] else "nothing changed (already up)"
         out.print(f"cluster [bold]{cluster.facts.name}[/] is up in {result['elapsed_s']}s: {what}")
-        out.print(f"secrets (passwords): {cluster.state_dir / SECRETS_FILE} (`haflow secrets show`)")
+        if ex := result.get("example_dag"):
+            out.print(f"example DAG {ex['dag_id']}: {ex['state']} in {ex['duration_s']}s, {ex['tasks']} tasks on {', '.join(ex['nodes'])}")
+        out.print(f"Airflow UI: {cluster.facts.api_urls[0]} (user {cluster.secrets['airflow_admin'].username}; "
+                  f"password: `haflow secrets show`, stored in {cluster.state_dir / SECRETS_FILE})")
         print_status(snap)
     sys.exit(0 if snap["healthy"] else 1)
 
@@ -174,6 +179,45 @@ def prereqs(spec_file: Path | None, state_dir: Path | None, install: bool) -> No
 
 
 @cli.group()
+def dags() -> None:
+    """The DAG folder every node runs."""
+
+
+@dags.command("push")
+@spec_options
+@handle_errors
+def dags_push(spec_file: Path | None, state_dir: Path | None) -> None:
+    """Copy the spec's DAG folder to every node (atomically) and check the checksums agree."""
+    cluster = make_cluster(spec_file, state_dir, Progress())
+    done = cluster.push_dags()
+    st = cluster.dags_status()
+    out.print(f"DAGs {st['source_checksum'][:12]} from {st['source']}: " + (", ".join(done) if done else "every node already current"))
+    if not st["agree"]:
+        raise HaflowError("node DAG folders still differ after the push; check disk space and permissions")
+
+
+@dags.command("trigger")
+@spec_options
+@click.argument("dag_id")
+@click.option("--wait/--no-wait", default=True, help="Wait for the run to finish (exit 1 unless it succeeded).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def dags_trigger(spec_file: Path | None, state_dir: Path | None, dag_id: str, wait: bool, as_json: bool) -> None:
+    """Trigger a DAG run through the API (and wait for it)."""
+    cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
+    if not wait:
+        run_id = cluster.api_client().trigger(dag_id)
+        out.print_json(json.dumps({"dag_id": dag_id, "run_id": run_id})) if as_json else out.print(f"triggered {dag_id}: {run_id}")
+        return
+    result = cluster.run_dag(dag_id)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"{dag_id} {result['run_id']}: {result['state']} in {result['duration_s']}s, {result['tasks']} tasks on {', '.join(result['nodes'])}")
+    sys.exit(0 if result["state"] == "success" else 1)
+
+
+@cli.group()
 def secrets() -> None:
     """The cluster's generated accounts and passwords."""
 
@@ -181,19 +225,23 @@ def secrets() -> None:
 @secrets.command("show")
 @spec_options
 @click.option("--json", "as_json", is_flag=True, help="Each account as an object with username and password.")
+@click.option("--keys", is_flag=True, help="Also the shared keys (fernet key, JWT secret, API secret key, Erlang cookie).")
 @handle_errors
-def secrets_show(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
+def secrets_show(spec_file: Path | None, state_dir: Path | None, as_json: bool, keys: bool) -> None:
     """Print the cluster's accounts with their passwords (asked for explicitly)."""
     cluster = make_cluster(spec_file, state_dir)
     accounts = cluster.secrets.as_dict()
     if as_json:
-        out.print_json(json.dumps(accounts))
+        out.print_json(json.dumps({**accounts, "keys": cluster.secrets.keys_dict()} if keys else accounts))
         return
     t = Table(title=f"secrets of {cluster.facts.name} ({cluster.state_dir / SECRETS_FILE})")
     for col in ("account", "username", "password"):
         t.add_column(col)
     for key, acc in accounts.items():
         t.add_row(key, acc["username"], acc["password"])
+    if keys:
+        for name, value in cluster.secrets.keys_dict().items():
+            t.add_row(name, "-", value)
     out.print(t)
 
 
@@ -215,9 +263,20 @@ def print_status(snap: dict[str, Any]) -> None:
     lb = layers["balancer"]
     t.add_row("balancer (HAProxy)", _mark(lb["healthy"]), "-",
               ", ".join(f"{m['node']}->{'/'.join(m['primary_up']) or 'nothing'}" for m in lb["members"]))
+    br = layers["broker"]
+    t.add_row("broker (RabbitMQ)", _mark(br["healthy"]), "-",
+              ", ".join(f"{m['node']}:{'running' if m['running'] else 'DOWN'}" for m in br["members"])
+              + "".join(f"; queue {q['name']}: leader {q['leader']}, {q['online']}/{q['members']} online" for q in br["quorum_queues"]))
+    af = layers["airflow"]
+    t.add_row("airflow", _mark(af["healthy"]), f"dag-processor: {af['dag_processor_holder'] or '-'}",
+              "api " + ", ".join(f"{a['node']}:{'ok' if a['healthy'] else 'DOWN'}" for a in af["api_servers"])
+              + f"; schedulers {len(af['schedulers'])}, triggerers {len(af['triggerers'])}, workers {len(af['workers'])}"
+              + f"; DAGs {'agree' if af['dags']['agree'] else 'DIFFER'}")
     out.print(t)
+    out.print("Airflow UI/API:        " + "  ".join(af["endpoints"]["api"]))
     out.print("PostgreSQL read-write: " + "  ".join(lb["endpoints"]["postgres_primary"]))
     out.print("PostgreSQL read-only:  " + "  ".join(lb["endpoints"]["postgres_replicas"]))
+    out.print("AMQP (via balancers):  " + "  ".join(br["endpoints"]["amqp"]))
     for line in status_mod.problems(snap):
         out.print(f"[red]problem:[/] {line}", highlight=False)
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import signal
 import time
+from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
+
 from haflow import prereqs
-from haflow.components import etcd, haproxy, patroni, postgres
+from haflow.components import airflow, etcd, haproxy, patroni, postgres, rabbitmq
 from haflow.components.base import DesiredState
 from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
@@ -26,9 +29,14 @@ from haflow.spec import Spec
 
 Say = Callable[[str], None]
 
+HOST = "_host"  # the machine-wide supervisor (epmd); node names cannot start with "_"
 ETCD_TIMEOUT_S = 60
+BROKER_TIMEOUT_S = 120
 DATABASE_TIMEOUT_S = 180
 BALANCER_TIMEOUT_S = 30
+AIRFLOW_TIMEOUT_S = 180
+EXAMPLE_DAG = "haflow_example"
+EXAMPLE_TIMEOUT_S = 300
 
 
 def _quiet(_: str) -> None:
@@ -36,8 +44,9 @@ def _quiet(_: str) -> None:
 
 
 class Cluster:
-    def __init__(self, spec: Spec, state_dir: Path, say: Say = _quiet) -> None:
+    def __init__(self, spec: Spec, state_dir: Path, say: Say = _quiet, spec_dir: Path | None = None) -> None:
         self.spec = spec
+        self.spec_dir = spec_dir or Path.cwd()
         self.facts = ClusterFacts(spec)
         self.state_dir = state_dir
         self.host = LocalHost(state_dir, spec.cluster)
@@ -61,31 +70,62 @@ class Cluster:
         state.extend(etcd.render(self.facts, n, layout))
         state.extend(patroni.render(self.facts, n, layout, self.secrets))
         state.extend(haproxy.render(self.facts, n, layout))
+        state.extend(rabbitmq.render(self.facts, n, layout, self.secrets))
+        state.extend(airflow.render(self.facts, n, layout, self.secrets))
         return state
 
     # --- up -----------------------------------------------------------------------------------
-    def up(self) -> dict[str, Any]:
-        """Bring every layer up (or back) in order; idempotent. Returns what changed."""
+    def up(self, smoke: bool | None = None) -> dict[str, Any]:
+        """Bring every layer up (or back) in order; idempotent. Returns what changed.
+
+        smoke: run the example DAG at the end (None: only if something changed)."""
         t0 = time.monotonic()
         changed: list[str] = []
+        self._preflight()  # cheap, and bad input must fail before anything is installed
         changed += self.ensure_prerequisites()
+        file_changes = self._apply_all(changed)
+        self._up_dcs(file_changes, changed)
+        db = self._up_database(file_changes, changed)
+        self._up_balancers(file_changes, changed)
+        self._up_broker(file_changes, changed)
+        leader = self.facts.node(db["leader"])
+        changed += postgres.ensure_airflow_database(self.facts, self.secrets, leader.pg_primary)
+        self._up_airflow(file_changes, changed)
+        moved = etcd.move_leader_away(self.facts, leader.name)
+        if moved:
+            changed.append(f"moved etcd leadership from {leader.name} to {moved} (off the primary's node)")
+        result: dict[str, Any] = {"changed": changed}
+        if smoke or (smoke is None and changed):
+            result["example_dag"] = self.run_example_dag()
+        result["elapsed_s"] = round(time.monotonic() - t0, 1)
+        return result
+
+    def _preflight(self) -> None:
         problems = [p for n in self.facts.node_names
                     for p in self.host.preflight(n, self.facts.node(n).address, self.facts.listen_ports(n))]
+        if not self.host.node_up(HOST):
+            problems += [p for (address, port), field in self.facts.host_listen_ports().items()
+                         for p in self.host.preflight(HOST, address, {port: field})]
         if problems:
             raise UserError(f"cannot start the cluster here: {len(problems)} problem(s)", details=problems)
 
+    def _apply_all(self, changed: list[str]) -> dict[str, list[Path]]:
         file_changes: dict[str, list[Path]] = {}
         for node in self.facts.node_names:
             file_changes[node] = self.host.apply(node, self.desired(node)).files
             changed += [str(p) for p in file_changes[node]]
-        for node in self.facts.node_names:
+        file_changes[HOST] = self.host.apply(HOST, rabbitmq.render_epmd(self.facts)).files
+        for node in [HOST, *self.facts.node_names]:
             if self.host.ensure_agent(node):
                 changed.append(f"{node}: started supervisor")
+        return file_changes
 
+    def _up_dcs(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting etcd")
         changed += self._ensure_service(etcd.NAME, [n.name for n in self.facts.etcd_members], file_changes)
         self._wait("etcd quorum (all members healthy, a leader)", ETCD_TIMEOUT_S, lambda: etcd.probe(self.facts))
 
+    def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> dict[str, Any]:
         self.say("starting Patroni")
         changed += self._ensure_service(patroni.NAME, self.facts.node_names, file_changes, reload_signal="HUP")
         db = self._wait(
@@ -94,11 +134,12 @@ class Cluster:
             DATABASE_TIMEOUT_S,
             lambda: patroni.probe(self.facts),
         )
-
         patch = patroni.reconcile_dynamic_config(self.facts, self.secrets, self.facts.node(db["leader"]))
         if patch:
             changed.append(f"updated Patroni's cluster config: {', '.join(sorted(_flat_keys(patch)))}")
+        return db
 
+    def _up_balancers(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting HAProxy")
         changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes)
         self._wait(
@@ -107,12 +148,133 @@ class Cluster:
             lambda: haproxy.probe(self.facts, patroni.probe(self.facts)["leader"]),
         )
 
-        leader = self.facts.node(db["leader"])
-        changed += postgres.ensure_airflow_database(self.facts, self.secrets, leader.pg_primary)
-        moved = etcd.move_leader_away(self.facts, leader.name)
-        if moved:
-            changed.append(f"moved etcd leadership from {leader.name} to {moved} (off the primary's node)")
-        return {"changed": changed, "elapsed_s": round(time.monotonic() - t0, 1)}
+    def _up_broker(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
+        self.say("starting RabbitMQ (epmd first)")
+        if self.host.start(HOST, rabbitmq.EPMD):
+            changed.append("started epmd")
+        changed += self._ensure_service(rabbitmq.NAME, self.facts.node_names, file_changes)
+        self._wait(f"broker ({len(self.facts.nodes)} RabbitMQ nodes running in one cluster, no alarms)",
+                   BROKER_TIMEOUT_S, lambda: rabbitmq.probe(self.facts, self.secrets))
+
+    def _up_airflow(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
+        nodes = self.facts.node_names
+        changed += self.push_dags()
+        self._migrate_airflow_db(changed)
+        self.say("starting Airflow api-servers")
+        changed += self._ensure_service(airflow.API, nodes, file_changes)
+        self._wait("api-servers (every node's /api/v2/monitor/health answers)", AIRFLOW_TIMEOUT_S, self._api_servers_probe)
+        self.say("starting schedulers, dag-processor candidates, triggerers")
+        for service in (airflow.SCHEDULER, airflow.DAG_PROCESSOR, airflow.TRIGGERER):
+            changed += self._ensure_service(service, nodes, file_changes)
+        self.say("starting Celery workers")
+        changed += self._ensure_service(airflow.WORKER, nodes, file_changes)
+        self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)",
+                   AIRFLOW_TIMEOUT_S, lambda: self.airflow_probe())
+
+    def _api_servers_probe(self) -> dict[str, Any]:
+        down = [n.name for n in self.facts.nodes if airflow.api_health(n) is None]
+        return {"healthy": not down, "problems": [f"api-server not answering on {', '.join(down)}"] if down else []}
+
+    def _migrate_airflow_db(self, changed: list[str]) -> None:
+        """`airflow db migrate` once per Airflow version (it is idempotent but slow to import)."""
+        marker = self.state_dir / f"airflow-db-migrated-{self.spec.airflow.version}"
+        if marker.exists():
+            return
+        self.say("migrating the Airflow database (airflow db migrate)")
+        node = self.facts.nodes[0]
+        layout = self.host.layout(node.name)
+        venv = airflow.venv_dir(layout, self.spec.airflow.version)
+        rc, out = self.host.run(node.name, [str(venv / "bin/airflow"), "db", "migrate"],
+                                airflow.env(self.facts, node, layout, self.secrets), timeout=600)
+        if rc != 0:
+            tail = " | ".join(out.strip().splitlines()[-3:])
+            raise ClusterUnhealthy(f"`airflow db migrate` failed (exit {rc}): {tail}; data is kept, re-run `haflow up`")
+        marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+        changed.append(f"migrated the Airflow database to {self.spec.airflow.version}")
+
+    # --- DAGs and the Airflow layer -------------------------------------------------------------
+    def dags_source(self) -> Path:
+        """The spec's DAG folder (relative to the spec file), or the shipped examples."""
+        if self.spec.airflow.dags is None:
+            return Path(str(resources.files("haflow").joinpath("examples", "dags")))
+        folder = (self.spec_dir / self.spec.airflow.dags).resolve()
+        if not folder.is_dir():
+            raise UserError(f"airflow.dags: {folder} is not a directory; point it at your DAG folder")
+        return folder
+
+    def push_dags(self) -> list[str]:
+        """Copy the DAG folder to every node, each switched atomically; returns what changed."""
+        source = self.dags_source()
+        checksum = airflow.folder_checksum(source)
+        done = []
+        for node in self.facts.node_names:
+            link = airflow.dags_dir(self.host.layout(node))
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if self.host.sync_folder(node, source, link, checksum[:12]):
+                done.append(f"{node}: DAGs {checksum[:12]}")
+        return done
+
+    def dags_status(self) -> dict[str, Any]:
+        try:
+            source = self.dags_source()
+            want = airflow.folder_checksum(source)
+        except UserError:
+            source, want = None, None
+        nodes = []
+        for node in self.facts.node_names:
+            link = airflow.dags_dir(self.host.layout(node))
+            nodes.append({"node": node, "checksum": airflow.folder_checksum(link) if link.is_dir() else None})
+        sums = {n["checksum"] for n in nodes}
+        return {"source": str(source) if source else None, "source_checksum": want, "nodes": nodes,
+                "agree": len(sums) == 1 and None not in sums, "current": sums == {want}}
+
+    def airflow_probe(self) -> dict[str, Any]:
+        endpoint = self.facts.nodes[0].pg_primary
+        for n in self.facts.nodes:  # read the jobs through a balancer that answers
+            if self.host.node_up(n.name):
+                endpoint = n.pg_primary
+                break
+        return airflow.probe(self.facts, self.secrets, self.dags_status(), endpoint)
+
+    def api_client(self) -> airflow.ApiClient:
+        last: Exception | None = None
+        for n in self.facts.nodes:
+            try:
+                return airflow.ApiClient(f"http://{n.api_balancer}", self.secrets)
+            except httpx.HTTPError as e:
+                last = e
+        raise ClusterUnhealthy(f"no api-server answers through any balancer ({last}); run `haflow status`")
+
+    def run_dag(self, dag_id: str, timeout: float = EXAMPLE_TIMEOUT_S) -> dict[str, Any]:
+        """Trigger a DAG run and wait for its end; returns its state and where its tasks ran."""
+        client = self.api_client()
+        deadline = time.monotonic() + timeout
+        while client.get(f"/dags/{dag_id}").status_code == 404:  # not parsed yet
+            if time.monotonic() > deadline:
+                raise ClusterUnhealthy(f"DAG {dag_id} was not parsed within {timeout:.0f}s; check the dag-processor log")
+            time.sleep(1)
+        t0 = time.monotonic()
+        run_id = client.trigger(dag_id)
+        self.say(f"triggered {dag_id} ({run_id}), waiting for it to finish")
+        state = "queued"
+        while state not in ("success", "failed") and time.monotonic() < deadline:
+            time.sleep(1)
+            state = client.run_state(dag_id, run_id)
+        tis = client.task_instances(dag_id, run_id)
+        return {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "state": state,
+            "duration_s": round(time.monotonic() - t0, 1),
+            "tasks": len(tis),
+            "nodes": sorted({ti.get("hostname") for ti in tis if ti.get("hostname")}),
+        }
+
+    def run_example_dag(self) -> dict[str, Any]:
+        result = self.run_dag(EXAMPLE_DAG)
+        if result["state"] != "success":
+            raise ClusterUnhealthy(f"the example DAG run {result['run_id']} ended {result['state']}; see the task logs in the UI")
+        return result
 
     def ensure_prerequisites(self) -> list[str]:
         """Distro packages and runtime venvs; returns what was installed (nothing on a re-run)."""
@@ -123,6 +285,9 @@ class Cluster:
         if prereqs.ensure_venv(venv, [patroni.requirement(self.spec.database.patroni_version)], self.say):
             changed.append(f"built {venv}")
         prereqs.check_traversable(venv, layout.db_user)
+        af_venv = airflow.venv_dir(layout, self.spec.airflow.version)
+        if prereqs.ensure_venv(af_venv, airflow.requirements(self.spec.airflow.version), self.say):
+            changed.append(f"built {af_venv}")
         return changed
 
     def _ensure_service(
@@ -163,7 +328,12 @@ class Cluster:
         """Orderly stop of every node; data kept. Returns the processes that were stopped."""
         t0 = time.monotonic()
         nodes = self.facts.node_names
-        before = [r for n in nodes for r in self.host.processes(n)]
+        before = [r for n in [HOST, *nodes] for r in self.host.processes(n)]
+        for service in (airflow.WORKER, airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API):
+            self.say(f"stopping {service}")
+            self._parallel(lambda n, s=service: self.host.stop(n, s), nodes)
+        self.say("stopping RabbitMQ")
+        self._parallel(lambda n: self.host.stop(n, rabbitmq.NAME), nodes)
         self.say("stopping HAProxy")
         self._parallel(lambda n: self.host.stop(n, haproxy.NAME), nodes)
 
@@ -183,6 +353,7 @@ class Cluster:
 
         self.say("stopping supervisors")
         self._parallel(self.host.stop_agent, nodes)
+        self.host.stop_agent(HOST)  # epmd last: the RabbitMQ nodes deregister from it
         left = wait_gone(before, 10)
         if left:
             raise ClusterUnhealthy(f"processes still running after down: {', '.join(f'{r.label}[{r.pid}]' for r in left)}")
@@ -194,7 +365,7 @@ class Cluster:
             list(pool.map(fn, nodes))
 
     def purge(self) -> None:
-        if any(self.host.node_up(n) or self.host.processes(n) for n in self.facts.node_names):
+        if any(self.host.node_up(n) or self.host.processes(n) for n in [HOST, *self.facts.node_names]):
             raise UserError("the cluster is still running; run `haflow down` first, then `haflow down --purge --yes`")
         self.host.purge()
 

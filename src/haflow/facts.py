@@ -31,6 +31,11 @@ class NodeFacts:
     pg_primary: str  # HOST:PORT of this node's balancer, read-write
     pg_replicas: str  # HOST:PORT of this node's balancer, read-only
     haproxy_stats_url: str
+    amqp: str  # HOST:PORT of this node's RabbitMQ
+    amqp_balancer: str  # HOST:PORT of this node's balancer in front of every RabbitMQ node
+    rabbitmq_management_url: str
+    airflow_api: str  # HOST:PORT of this node's api-server
+    api_balancer: str  # HOST:PORT of this node's balancer in front of every api-server
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class NodeLayout:
     logs: Path
     venvs: Path  # runtime virtualenvs, shared by the nodes of a host
     db_user: str  # PostgreSQL/Patroni run as this user
+    task_logs: Path  # Airflow's task log folder
+    serve_task_logs: bool  # False when every node shares task_logs (one machine): no log servers
 
     @property
     def etcd_data(self) -> Path:
@@ -91,15 +98,26 @@ class ClusterFacts:
             pg_primary=hostport(n.address, p.pg_primary),
             pg_replicas=hostport(n.address, p.pg_replicas),
             haproxy_stats_url=f"http://{hostport(n.address, p.haproxy_stats)}/",
+            amqp=hostport(n.address, p.rabbitmq_amqp),
+            amqp_balancer=hostport(n.address, p.amqp_balancer),
+            rabbitmq_management_url=f"http://{hostport(n.address, p.rabbitmq_management)}",
+            airflow_api=hostport(n.address, p.airflow_api),
+            api_balancer=hostport(n.address, p.api_balancer),
         )
 
     def listen_ports(self, node: str) -> dict[int, str]:
         """Every TCP port a node's services bind on its address, with the spec field naming it."""
         n = self.node(node)
         ports = self.spec.ports.model_dump()
+        ports.pop("epmd")  # one epmd per machine, not per node: see host_listen_ports
+        ports["rabbitmq_dist"] = self.rabbit_dist_port(node)
         if not n.is_etcd_member:
             ports = {k: v for k, v in ports.items() if not k.startswith("etcd_")}
         return {port: f"ports.{field}" for field, port in ports.items()}
+
+    def host_listen_ports(self) -> dict[tuple[str, int], str]:
+        """Ports of the machine-wide services (epmd), on every node address."""
+        return {(n.address, self.spec.ports.epmd): "ports.epmd" for n in self.nodes}
 
     def node(self, name: str) -> NodeFacts:
         self.spec.node(name)  # raises a UserError naming the known nodes
@@ -155,3 +173,39 @@ class ClusterFacts:
     @property
     def airflow_db(self) -> str:
         return "airflow"
+
+    # --- broker -----------------------------------------------------------------------------
+    def rabbit_node_name(self, node: str) -> str:
+        """Long Erlang node name with the node's address: per-node addresses on one machine need
+        it, and one epmd serves several nodes only if their name parts differ."""
+        return f"rabbit-{node}@{self.node(node).address}"
+
+    def node_of_rabbit(self, erlang_name: str | None) -> str | None:
+        return next((n.name for n in self.nodes if self.rabbit_node_name(n.name) == erlang_name), None)
+
+    def rabbit_dist_port(self, node: str) -> int:
+        """ports.rabbitmq_dist + the node's index: RabbitMQ refuses a distribution port that
+        another node registered with the same epmd, whatever its address."""
+        return self.spec.ports.rabbitmq_dist + self.node_names.index(node)
+
+    def rabbit_peers_in_order(self, node: str) -> list[NodeFacts]:
+        """The RabbitMQ nodes a node's balancer tries, its own first, then the next ones round
+        the ring, so clients spread over the broker instead of piling onto one node (P-A5)."""
+        i = self.node_names.index(node)
+        return self.nodes[i:] + self.nodes[:i]
+
+    @property
+    def amqp_endpoints(self) -> list[str]:
+        return [n.amqp_balancer for n in self.nodes]
+
+    # --- airflow ----------------------------------------------------------------------------
+    @property
+    def api_urls(self) -> list[str]:
+        """The Airflow UI/API through each node's balancer."""
+        return [f"http://{n.api_balancer}/" for n in self.nodes]
+
+    def worker_log_port(self, node: str) -> int:
+        return self.spec.ports.worker_log_server
+
+    def trigger_log_port(self, node: str) -> int:
+        return self.spec.ports.trigger_log_server

@@ -86,18 +86,24 @@ def ensure_venv(venv: Path, requirements: list[str], progress: Progress) -> bool
     """Create (or repair) a runtime venv with exactly these requirements; True if built.
     A marker written last makes an interrupted build be redone rather than trusted."""
     marker = venv / COMPLETE_MARKER
-    wanted = "\n".join(requirements)
+    wanted = "\n".join(requirements + [_digest(a) for a in requirements if Path(a).is_file()])
     if marker.exists() and marker.read_text() == wanted:
         return False
     if venv.exists():
         shutil.rmtree(venv)
-    progress(f"building runtime venv {venv.name} ({', '.join(requirements)})")
+    progress(f"building runtime venv {venv.name} ({requirements[0]}; takes a minute or two the first time)")
     venv.parent.mkdir(parents=True, exist_ok=True)
     _run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], "create the venv")
     _run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", *requirements], f"pip install {' '.join(requirements)}")
     _make_world_readable(venv)
     marker.write_text(wanted)
     return True
+
+
+def _digest(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _run(argv: list[str], what: str) -> None:

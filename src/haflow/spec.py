@@ -64,6 +64,15 @@ class Ports(_Strict):
     pg_primary: int = 5000
     pg_replicas: int = 5001
     haproxy_stats: int = 7000
+    epmd: int = 4369
+    rabbitmq_amqp: int = 5672
+    rabbitmq_management: int = 15672
+    rabbitmq_dist: int = 25672
+    amqp_balancer: int = 5670
+    airflow_api: int = 8080
+    api_balancer: int = 8000
+    worker_log_server: int = 8793
+    trigger_log_server: int = 8794
 
     @field_validator("*")
     @classmethod
@@ -83,7 +92,7 @@ class Database(_Strict):
     synchronous_mode: bool = True
     failsafe_mode: bool = True
     ttl: int = 20
-    loop_wait: int = 5
+    loop_wait: int = 10
     retry_timeout: int = 5
     maximum_lag_on_failover: int = 1048576
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -137,6 +146,64 @@ class Balancer(_Strict):
         return v
 
 
+class Broker(_Strict):
+    # A task's message stays unacknowledged while the task runs (acks_late): RabbitMQ closes a
+    # consumer that holds one longer than this. It must outlast the longest task.
+    consumer_timeout_s: int = 8 * 3600
+
+    @field_validator("consumer_timeout_s")
+    @classmethod
+    def _timeout(cls, v: int) -> int:
+        if v < 60:
+            raise ValueError(f"{v} s is too short; use at least 60 (it must outlast the longest task)")
+        return v
+
+
+AIRFLOW_RE = re.compile(r"^3\.3\.\d+$")
+
+
+class Airflow(_Strict):
+    version: str = "3.3.2"
+    dags: str | None = None  # a DAG folder (relative to the spec); None: the shipped examples
+    worker_concurrency: int = 3
+    api_workers: int = 1  # uvicorn workers per api-server (~290 MiB each)
+    parallelism: int = 32
+    task_execution_timeout_s: int = 6 * 3600  # the longest a task may run (Airflow kills it after)
+    task_retries: int = 2
+    task_retry_delay_s: int = 10
+    task_queued_timeout_s: int = 120
+    dag_processor_lease_ttl_s: int = 10
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: Any) -> str:
+        v = str(v)
+        if not AIRFLOW_RE.match(v):
+            raise ValueError(f"Airflow {v!r} is not supported; use a 3.3.x release such as 3.3.2")
+        return v
+
+    @field_validator("worker_concurrency", "api_workers", "parallelism")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{v} must be at least 1")
+        return v
+
+    @field_validator("dag_processor_lease_ttl_s")
+    @classmethod
+    def _ttl(cls, v: int) -> int:
+        if not 5 <= v <= 120:
+            raise ValueError(f"{v} s is out of range; use 5-120 (a dead node's dag-processor is replaced after about this)")
+        return v
+
+    @field_validator("task_execution_timeout_s")
+    @classmethod
+    def _exec(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{v} s is not a duration; use a positive number of seconds")
+        return v
+
+
 class Spec(_Strict):
     cluster: str
     nodes: list[Node]
@@ -144,6 +211,8 @@ class Spec(_Strict):
     etcd: Etcd = Field(default_factory=Etcd)
     database: Database = Field(default_factory=Database)
     balancer: Balancer = Field(default_factory=Balancer)
+    broker: Broker = Field(default_factory=Broker)
+    airflow: Airflow = Field(default_factory=Airflow)
 
     @field_validator("cluster")
     @classmethod
@@ -194,7 +263,19 @@ def cross_field_problems(data: dict[str, Any]) -> list[str]:
             "(3 or 5): set etcd.members to an odd subset of the nodes"
         )
     problems += _port_clashes(ports)
+    problems += _timeout_problems(data)
     return problems
+
+
+def _timeout_problems(data: dict[str, Any]) -> list[str]:
+    broker = data.get("broker") if isinstance(data.get("broker"), dict) else {}
+    airflow = data.get("airflow") if isinstance(data.get("airflow"), dict) else {}
+    consumer = broker.get("consumer_timeout_s", Broker().consumer_timeout_s)
+    task = airflow.get("task_execution_timeout_s", Airflow().task_execution_timeout_s)
+    if isinstance(consumer, int) and isinstance(task, int) and consumer <= task:
+        return [f"broker.consumer_timeout_s: {consumer} s does not outlast airflow.task_execution_timeout_s ({task} s); "
+                "RabbitMQ would close the channel of a worker running a long task: set it above the task timeout"]
+    return []
 
 
 def _duplicates(nodes: list[dict[str, Any]], attr: str) -> list[str]:
@@ -263,6 +344,8 @@ def _known_keys() -> dict[str, list[str]]:
         "etcd": list(Etcd.model_fields),
         "database": list(Database.model_fields),
         "balancer": list(Balancer.model_fields),
+        "broker": list(Broker.model_fields),
+        "airflow": list(Airflow.model_fields),
     }
 
 

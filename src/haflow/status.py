@@ -6,20 +6,29 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from haflow.cluster import Cluster
-from haflow.components import etcd, haproxy, patroni
+from haflow.components import etcd, haproxy, patroni, rabbitmq
 
 
 def snapshot(cluster: Cluster) -> dict[str, Any]:
     facts = cluster.facts
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    secrets = cluster.secrets if cluster.exists() else None
+    with ThreadPoolExecutor(max_workers=4) as pool:
         dcs_f = pool.submit(etcd.probe, facts)
         db_f = pool.submit(patroni.probe, facts)
+        broker_f = pool.submit(rabbitmq.probe, facts, secrets) if secrets else None
         nodes = [
             {"node": n.name, "address": n.address, "supervisor": cluster.host.node_up(n.name)} for n in facts.nodes
         ]
         dcs, database = dcs_f.result(), db_f.result()
     balancer = haproxy.probe(facts, database["leader"])
-    layers = {"dcs": dcs, "database": database, "balancer": balancer}
+    airflow_layer = cluster.airflow_probe() if secrets else {
+        "healthy": False, "api_servers": [], "schedulers": [], "triggerers": [], "dag_processors": [],
+        "dag_processor_holder": None, "workers": [], "endpoints": {"api": facts.api_urls},
+        "dags": cluster.dags_status(), "problems": ["cluster not created yet"]}
+    broker = broker_f.result() if broker_f else {
+        "healthy": False, "members": [{"node": n, "running": False, "alarms": [], "partitions": []} for n in facts.node_names],
+        "quorum_queues": [], "classic_queues": [], "endpoints": {"amqp": facts.amqp_endpoints}, "problems": ["cluster not created yet"]}
+    layers = {"dcs": dcs, "database": database, "balancer": balancer, "broker": broker, "airflow": airflow_layer}
     return {
         "cluster": facts.name,
         "healthy": all(layer["healthy"] for layer in layers.values()),
@@ -41,4 +50,6 @@ def problems(snap: dict[str, Any]) -> list[str]:
     for m in layers["balancer"]["members"]:
         if not m["healthy"]:
             out.append(f"balancer on {m['node']}: {m['reason']}")
+    out += [f"broker: {p}" for p in layers["broker"].get("problems", [])]
+    out += [f"airflow: {p}" for p in layers["airflow"].get("problems", [])]
     return out

@@ -25,7 +25,7 @@ def test_embedded_default_is_a_valid_three_node_cluster():
     assert [(n.name, n.address) for n in spec.nodes] == [
         ("node1", "127.0.0.11"), ("node2", "127.0.0.12"), ("node3", "127.0.0.13")]
     assert spec.database.synchronous_mode and spec.database.failsafe_mode
-    assert (spec.database.ttl, spec.database.loop_wait, spec.database.retry_timeout) == (20, 5, 5)
+    assert (spec.database.ttl, spec.database.loop_wait, spec.database.retry_timeout) == (20, 10, 5)
 
 
 def test_addresses_can_be_overridden_by_env(monkeypatch):

@@ -17,6 +17,8 @@ NAME = "haproxy"
 BINARY = "haproxy"
 PRIMARY_PROXY = "postgres_primary"
 REPLICAS_PROXY = "postgres_replicas"
+AMQP_PROXY = "rabbitmq_amqp"
+API_PROXY = "airflow_api"
 
 
 def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str:
@@ -28,6 +30,7 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str
         nodes=facts.nodes,
         ports=facts.spec.ports,
         stats_socket=layout.haproxy_socket,
+        rabbit_order=facts.rabbit_peers_in_order(node.name),
         inter=f"{b.check_interval_ms}ms",
         fall=b.fall,
         rise=b.rise,
@@ -80,7 +83,8 @@ def probe(facts: ClusterFacts, leader: str | None) -> dict[str, Any]:
     for node in facts.nodes:
         states = server_states(node)
         if states is None:
-            members.append({"node": node.name, "healthy": False, "primary_up": [], "replicas_up": [], "reason": "not answering"})
+            members.append({"node": node.name, "healthy": False, "primary_up": [], "replicas_up": [], "amqp_up": [],
+                            "api_up": [], "reason": "not answering"})
             continue
         primary = up_servers(states, PRIMARY_PROXY)
         ok = leader is not None and primary == [leader]
@@ -90,11 +94,14 @@ def probe(facts: ClusterFacts, leader: str | None) -> dict[str, Any]:
                 "healthy": ok,
                 "primary_up": primary,
                 "replicas_up": up_servers(states, REPLICAS_PROXY),
+                "amqp_up": up_servers(states, AMQP_PROXY),
+                "api_up": up_servers(states, API_PROXY),
                 "reason": None if ok else f"primary port routes to {primary or 'nothing'}",
             }
         )
     return {
         "healthy": all(m["healthy"] for m in members),
-        "endpoints": {"postgres_primary": facts.pg_primary_endpoints, "postgres_replicas": facts.pg_replica_endpoints},
+        "endpoints": {"postgres_primary": facts.pg_primary_endpoints, "postgres_replicas": facts.pg_replica_endpoints,
+                      "amqp": facts.amqp_endpoints, "api": facts.api_urls},
         "members": members,
     }

@@ -94,6 +94,10 @@ class LocalHost:
             logs=root / "logs",
             venvs=default_venvs_dir(),
             db_user=default_db_user(),
+            # All nodes share this machine's disk: one task log folder serves every api-server,
+            # and Airflow's log servers (which bind every address) stay off.
+            task_logs=self.state_dir / "airflow-task-logs",
+            serve_task_logs=False,
         )
 
     def _db_relocated(self) -> bool:
@@ -308,6 +312,37 @@ class LocalHost:
         live = ProcRef.of(info["pid"], ref.label)
         return live if live and abs(live.create_time - ref.create_time) <= 2 else None
 
+    # --- one-shot commands and folders ----------------------------------------------------------
+    def run(self, node: str, argv: list[str], env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
+        """Run a command on the node (here: this machine) and wait; returns (exit code, output)."""
+        try:
+            r = subprocess.run(argv, env=env, cwd=self.layout(node).root, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return 124, f"timed out after {timeout:.0f}s"
+        return r.returncode, (r.stdout + r.stderr)
+
+    def sync_folder(self, node: str, source: Path, link: Path, version: str) -> bool:
+        """Make `link` point at an exact copy of `source`, switched atomically (a reader sees the
+        old tree or the new one, never a half-copied one). True if anything changed."""
+        target = link.parent / f"{link.name}.{version}"
+        if link.is_symlink() and os.readlink(link) == target.name and target.is_dir():
+            return False
+        if not target.is_dir():
+            tmp = link.parent / f".{target.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            os.replace(tmp, target)
+        new_link = link.parent / f".{link.name}.link"
+        new_link.unlink(missing_ok=True)
+        new_link.symlink_to(target.name)
+        if link.exists() and not link.is_symlink():
+            shutil.rmtree(link)  # a plain folder from an earlier layout
+        os.replace(new_link, link)
+        for old in link.parent.glob(f"{link.name}.*"):
+            if old != target and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        return True
+
     # --- processes and faults ------------------------------------------------------------------
     def postmaster(self, node: str) -> ProcRef | None:
         """PostgreSQL's postmaster of this node: Patroni double-forks it, so it is found by the
@@ -340,6 +375,20 @@ class LocalHost:
             refs += pm.descendants()
         seen: set[int] = set()
         return [r for r in refs if not (r.pid in seen or seen.add(r.pid))]
+
+    def kill_service(self, node: str, service: str) -> list[ProcRef]:
+        """A crash of one service: SIGKILL its process group (supervisord made each program a
+        group leader, so a wrapper script and the real server die together) and every other
+        descendant. Its supervisor restarts it, as systemd would on a real host."""
+        ref = self.service_proc(node, service)
+        if ref is None:
+            raise HaflowError(f"{node}: {service} is not running")
+        refs = [ref, *ref.descendants()]
+        ref.kill_group(signal.SIGKILL)
+        for r in refs:
+            r.send(signal.SIGKILL)
+        wait_gone(refs, 10)
+        return refs
 
     def kill_node(self, node: str) -> list[ProcRef]:
         """Machine loss: SIGKILL every process of the node at once. Its supervisord dies first, so
@@ -428,8 +477,10 @@ def _holder(address: str, port: int) -> str:
     """' by PID (name)' of the listener, when the kernel tells us."""
     try:
         for c in psutil.net_connections("tcp"):
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.laddr.ip in (address, "0.0.0.0") and c.pid:
-                return f" by pid {c.pid} ({psutil.Process(c.pid).name()})"
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.laddr.ip in (address, "0.0.0.0", "::") and c.pid:
+                name = psutil.Process(c.pid).name()
+                hint = " (an epmd daemonized by an Erlang tool; `epmd -kill` stops it)" if name == "epmd" else ""
+                return f" by pid {c.pid} ({name}){hint}"
     except psutil.Error:
         pass
     return ""

@@ -1,0 +1,317 @@
+"""Airflow 3 on every node: api-server, scheduler, triggerer, Celery worker, and a dag-processor
+candidate of which exactly one runs (chosen through an etcd lease, see data/dag_processor_elect.py).
+
+All configuration is environment, built here as a dict per process (no shell, no env file to
+source: broker URLs and JSON break those, P-A6). Every process of the cluster shares one fernet
+key, JWT secret and API secret key. The database is reached through the node's own balancer
+primary port; the broker through the node's balancer AMQP port (one URL, so a dead RabbitMQ node
+is never tried, P-A2); the Execution API through the node's balancer api port (P-A9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
+from haflow.secrets import Secrets
+
+API = "airflow-api-server"
+SCHEDULER = "airflow-scheduler"
+TRIGGERER = "airflow-triggerer"
+WORKER = "airflow-worker"
+DAG_PROCESSOR = "airflow-dag-processor"
+SERVICES = (API, SCHEDULER, DAG_PROCESSOR, TRIGGERER, WORKER)
+CONFIG_MODULE = "haflow_airflow"
+ELECTOR = "dag_processor_elect.py"
+QUEUE = "default"
+
+
+def venv_dir(layout: NodeLayout, version: str) -> Path:
+    return layout.venvs / f"airflow-{version}"
+
+
+def constraints_file(version: str) -> Path:
+    return Path(str(resources.files("haflow").joinpath("data", f"constraints-airflow-{version}.txt")))
+
+
+def requirements(version: str) -> list[str]:
+    return [f"apache-airflow[celery,postgres]=={version}", "--constraint", str(constraints_file(version))]
+
+
+def home(layout: NodeLayout) -> Path:
+    return layout.root / "airflow"
+
+
+def dags_dir(layout: NodeLayout) -> Path:
+    """A symlink to the current copy of the DAG folder (swapped atomically by `dags push`)."""
+    return home(layout) / "dags"
+
+
+def passwords_file(layout: NodeLayout) -> Path:
+    return home(layout) / "simple_auth_manager_passwords.json"
+
+
+def worker_name(facts: ClusterFacts, node: str) -> str:
+    """The Celery node name of a node's worker (it contains '@', so Celery uses it as is)."""
+    return f"{node}@{facts.name}"
+
+
+def dag_processor_key(facts: ClusterFacts) -> str:
+    return f"/haflow/{facts.name}/dag-processor"
+
+
+def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, str]:
+    spec = facts.spec
+    af = spec.airflow
+    db = secrets["postgres_airflow"]
+    mq = secrets["rabbitmq_airflow"]
+    h = home(layout)
+    sql = f"postgresql+psycopg://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}"
+    return {
+        "AIRFLOW_HOME": str(h),
+        "HAFLOW_NODE": node.name,
+        "PYTHONPATH": str(h / "config"),
+        "PATH": f"{venv_dir(layout, af.version)}/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{CONFIG_MODULE}.hostname",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_dir(layout)),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__FERNET_KEY": secrets.key("airflow_fernet_key"),
+        "AIRFLOW__CORE__PARALLELISM": str(af.parallelism),
+        "AIRFLOW__CORE__DEFAULT_TASK_EXECUTION_TIMEOUT": str(af.task_execution_timeout_s),
+        # A task lost in a failover is retried, not left failed.
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": str(af.task_retries),
+        "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": str(af.task_retry_delay_s),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{node.api_balancer}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{secrets['airflow_admin'].username}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(layout)),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_PRE_PING": "True",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.key("airflow_jwt_secret"),
+        "AIRFLOW__API__SECRET_KEY": secrets.key("airflow_api_secret_key"),
+        "AIRFLOW__API__BASE_URL": f"http://{node.api_balancer}",
+        "AIRFLOW__API__WORKERS": str(af.api_workers),
+        # A task queued on a worker that died with its broker connection is failed and retried
+        # after this, instead of staying queued forever (apache/airflow#30375).
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(af.task_queued_timeout_s),
+        "AIRFLOW__CELERY__BROKER_URL": f"amqp://{mq.username}:{mq.password}@{node.amqp_balancer}/airflow",
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{sql}",
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(af.worker_concurrency),
+        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": f"{CONFIG_MODULE}.CELERY_CONFIG",
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__CONFIRM_PUBLISH": "True",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(layout.task_logs),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(facts.worker_log_port(node.name)),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(facts.trigger_log_port(node.name)),
+    }
+
+
+def passwords_json(secrets: Secrets) -> str:
+    admin = secrets["airflow_admin"]
+    return json.dumps({admin.username: admin.password})
+
+
+def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
+    af = facts.spec.airflow
+    h = home(layout)
+    venv = venv_dir(layout, af.version)
+    airflow = str(venv / "bin/airflow")
+    e = env(facts, node, layout, secrets)
+    config_module = h / "config" / f"{CONFIG_MODULE}.py"
+    elector = h / ELECTOR
+    files = [
+        File(config_module, _data(f"{CONFIG_MODULE}.py"), 0o644),
+        File(elector, _data(ELECTOR), 0o644),
+        File(passwords_file(layout), passwords_json(secrets), 0o600),
+    ]
+    restart = tuple(f.path for f in files)
+    etcd_urls = [arg for m in facts.etcd_members for arg in ("--etcd", m.etcd_client_url)]
+    skip_logs = [] if layout.serve_task_logs else ["--skip-serve-logs"]
+
+    def svc(name: str, argv: list[str], stop_timeout_s: int = 30) -> Service:
+        return Service(name=name, argv=tuple(argv), env=e, cwd=h, stop_timeout_s=stop_timeout_s, restart_files=restart)
+
+    return DesiredState(
+        dirs=[Directory(h, 0o700), Directory(h / "config", 0o755), Directory(layout.task_logs, 0o755)],
+        files=files,
+        services=[
+            svc(API, [airflow, "api-server", "--host", node.address, "--port", str(facts.spec.ports.airflow_api),
+                      "--workers", str(af.api_workers)]),
+            svc(SCHEDULER, [airflow, "scheduler"]),
+            svc(DAG_PROCESSOR, [str(venv / "bin/python"), str(elector), *etcd_urls, "--key", dag_processor_key(facts),
+                                "--node", node.name, "--ttl", str(af.dag_processor_lease_ttl_s), "--", airflow, "dag-processor"],
+                stop_timeout_s=40),
+            svc(TRIGGERER, [airflow, "triggerer", *skip_logs], stop_timeout_s=60),
+            # Warm shutdown lets running tasks finish: the grace period is as long as a task may run.
+            svc(WORKER, [airflow, "celery", "worker", "--celery-hostname", worker_name(facts, node.name),
+                         "--queues", QUEUE, "--concurrency", str(af.worker_concurrency), *skip_logs],
+                stop_timeout_s=min(af.task_execution_timeout_s, 600)),
+        ],
+    )
+
+
+def _data(name: str) -> str:
+    return resources.files("haflow").joinpath("data", name).read_text()
+
+
+# --- DAG folder ---------------------------------------------------------------------------------
+
+
+def folder_checksum(folder: Path) -> str:
+    """sha256 over the sorted relative paths and contents of every file (no __pycache__)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(folder)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+def api_health(node: NodeFacts, timeout: float = 3.0) -> dict[str, Any] | None:
+    try:
+        r = httpx.get(f"http://{node.airflow_api}/api/v2/monitor/health", timeout=timeout)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def layer_jobs(facts: ClusterFacts, secrets: Secrets, endpoint: str) -> list[dict[str, Any]]:
+    """Running scheduler/triggerer/dag-processor jobs with their heartbeat age, from the database
+    (each job's hostname is its node's name, see data/haflow_airflow.py)."""
+    import psycopg
+
+    host, port = endpoint.rsplit(":", 1)
+    account = secrets["postgres_airflow"]
+    try:
+        with psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
+                             dbname=facts.airflow_db, connect_timeout=3) as conn:
+            rows = conn.execute(
+                "SELECT job_type, hostname, extract(epoch FROM now() - latest_heartbeat) FROM job "
+                "WHERE state = 'running' AND job_type IN ('SchedulerJob', 'TriggererJob', 'DagProcessorJob')"
+            ).fetchall()
+    except psycopg.Error:
+        return []
+    return [{"type": t, "node": h, "heartbeat_age_s": round(float(age), 1)} for t, h, age in rows]
+
+
+def dag_processor_holder(facts: ClusterFacts) -> str | None:
+    import base64
+
+    key = base64.b64encode(dag_processor_key(facts).encode()).decode()
+    for m in facts.etcd_members:
+        try:
+            r = httpx.post(f"{m.etcd_client_url}/v3/kv/range", json={"key": key}, timeout=2)
+            kvs = r.json().get("kvs") or []
+            return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            continue
+    return None
+
+
+def ping_workers(facts: ClusterFacts, secrets: Secrets, timeout: float = 2.0) -> list[str]:
+    """Celery worker names that answer a broadcast ping through the broker."""
+    from celery import Celery
+
+    mq = secrets["rabbitmq_airflow"]
+    for node in facts.nodes:
+        app = Celery(broker=f"amqp://{mq.username}:{mq.password}@{node.amqp_balancer}/airflow")
+        app.conf.broker_connection_retry = False
+        app.conf.broker_connection_timeout = 2
+        try:
+            replies = app.control.ping(timeout=timeout) or []
+            return sorted(name for reply in replies for name in reply)
+        except Exception:  # this balancer's broker route is down: ask through the next node
+            continue
+        finally:
+            app.close()
+    return []
+
+
+JOB_TYPES = {"SchedulerJob": "schedulers", "TriggererJob": "triggerers", "DagProcessorJob": "dag_processors"}
+HEARTBEAT_STALE_S = 30
+
+
+def probe(facts: ClusterFacts, secrets: Secrets, dags: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    """Layer status: api-servers with health; schedulers, dag-processors and triggerers with
+    their last heartbeat age; the dag-processor lease holder; Celery workers that answer; DAGs."""
+    api = [{"node": n.name, "healthy": api_health(n) is not None} for n in facts.nodes]
+    jobs = layer_jobs(facts, secrets, endpoint)
+    groups: dict[str, list[dict[str, Any]]] = {v: [] for v in JOB_TYPES.values()}
+    for j in sorted(jobs, key=lambda j: (j["node"] or "", j["heartbeat_age_s"])):
+        groups[JOB_TYPES[j["type"]]].append({"node": j["node"], "heartbeat_age_s": j["heartbeat_age_s"]})
+    workers = ping_workers(facts, secrets)
+    expected_workers = [worker_name(facts, n.name) for n in facts.nodes]
+    problems = [f"api-server on {a['node']} not healthy" for a in api if not a["healthy"]]
+    for kind in ("schedulers", "triggerers"):
+        fresh = {j["node"] for j in groups[kind] if j["heartbeat_age_s"] < HEARTBEAT_STALE_S}
+        missing = [n for n in facts.node_names if n not in fresh]
+        if missing:
+            problems.append(f"{kind[:-1]} without a fresh heartbeat on {', '.join(missing)}")
+    fresh_dp = [j for j in groups["dag_processors"] if j["heartbeat_age_s"] < HEARTBEAT_STALE_S]
+    if len(fresh_dp) != 1:
+        problems.append(f"{len(fresh_dp)} dag-processors with a fresh heartbeat (want exactly 1)")
+    missing_workers = [w for w in expected_workers if w not in workers]
+    if missing_workers:
+        problems.append(f"Celery workers not answering: {', '.join(missing_workers)}")
+    if not dags.get("agree"):
+        problems.append("DAG folders differ between nodes (`haflow dags push`)")
+    return {
+        "healthy": not problems,
+        "api_servers": api,
+        **groups,
+        "dag_processor_holder": dag_processor_holder(facts),
+        "workers": workers,
+        "endpoints": {"api": facts.api_urls},
+        "dags": dags,
+        "problems": problems,
+    }
+
+
+# --- REST API -----------------------------------------------------------------------------------
+
+
+class ApiClient:
+    """The Airflow REST API through a node's balancer, as the generated admin."""
+
+    def __init__(self, base: str, secrets: Secrets, timeout: float = 10.0) -> None:
+        self.base = base.rstrip("/")
+        self.http = httpx.Client(timeout=timeout)
+        admin = secrets["airflow_admin"]
+        r = self.http.post(f"{self.base}/auth/token", json={"username": admin.username, "password": admin.password})
+        r.raise_for_status()
+        self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+
+    def get(self, path: str) -> httpx.Response:
+        return self.http.get(f"{self.base}/api/v2{path}")
+
+    def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return self.http.post(f"{self.base}/api/v2{path}", json=body)
+
+    def patch(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return self.http.patch(f"{self.base}/api/v2{path}", json=body)
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        r = self.post(f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        r.raise_for_status()
+        return r.json()["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        r = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+        r.raise_for_status()
+        return r.json()["state"]
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        r = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")
+        r.raise_for_status()
+        return r.json()["task_instances"]
