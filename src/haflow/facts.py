@@ -116,8 +116,11 @@ class ClusterFacts:
         return {port: f"ports.{field}" for field, port in ports.items()}
 
     def host_listen_ports(self) -> dict[tuple[str, int], str]:
-        """Ports of the machine-wide services (epmd), on every node address."""
-        return {(n.address, self.spec.ports.epmd): "ports.epmd" for n in self.nodes}
+        """Ports of the machine-wide services: epmd, on every node address and on 127.0.0.1,
+        which epmd always binds as well (so two clusters on one machine need two epmd ports)."""
+        ports = {(n.address, self.spec.ports.epmd): "ports.epmd" for n in self.nodes}
+        ports[("127.0.0.1", self.spec.ports.epmd)] = "ports.epmd"
+        return ports
 
     def node(self, name: str) -> NodeFacts:
         self.spec.node(name)  # raises a UserError naming the known nodes

@@ -47,6 +47,7 @@ def env():
     for node, addr in zip(data["nodes"], ADDRESSES):
         node["address"] = addr
     data["airflow"]["dags"] = "dags"
+    data["ports"]["epmd"] = 4371  # its own epmd: a developer's cluster may hold 4369
     spec_path = root / "cluster.yaml"
     spec_path.write_text(yaml.safe_dump(data))
     cluster = Cluster(load_spec(spec_path), root / ".haflow", spec_dir=root)
@@ -77,7 +78,14 @@ def run_under_fault(env, fault) -> dict:
     """Run the 20-task DAG; `fault()` strikes a few seconds in. Returns the run's result."""
     cluster: Cluster = env["cluster"]
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(cluster.run_dag("haflow_fanout", timeout=600)))
+
+    def run():
+        try:
+            result.update(cluster.run_dag("haflow_fanout", timeout=600))
+        except Exception as e:  # reported by assert_no_task_lost
+            result["error"] = repr(e)
+
+    t = threading.Thread(target=run)
     t.start()
     time.sleep(8)
     fault()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -292,11 +293,27 @@ class ApiClient:
         r.raise_for_status()
         self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
 
-    def get(self, path: str) -> httpx.Response:
-        return self.http.get(f"{self.base}/api/v2{path}")
+    def get(self, path: str, attempts: int = 5) -> httpx.Response:
+        """GET is idempotent: retried when an api-server dies under the request."""
+        for attempt in range(attempts):
+            try:
+                return self.http.get(f"{self.base}/api/v2{path}")
+            except httpx.TransportError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1)
+        raise AssertionError("unreachable")
 
-    def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return self.http.post(f"{self.base}/api/v2{path}", json=body)
+    def post(self, path: str, body: dict[str, Any], attempts: int = 5) -> httpx.Response:
+        """POST is retried only when the connection failed before the request was sent."""
+        for attempt in range(attempts):
+            try:
+                return self.http.post(f"{self.base}/api/v2{path}", json=body)
+            except httpx.ConnectError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1)
+        raise AssertionError("unreachable")
 
     def patch(self, path: str, body: dict[str, Any]) -> httpx.Response:
         return self.http.patch(f"{self.base}/api/v2{path}", json=body)

@@ -96,6 +96,7 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, s
         "LANG": "C.UTF-8",
         "RABBITMQ_CONF_ENV_FILE": str(h / "rabbitmq-env.conf"),  # not /etc/rabbitmq/rabbitmq-env.conf
         "RABBITMQ_USE_LONGNAME": "true",
+        "ERL_EPMD_PORT": str(facts.spec.ports.epmd),  # the cluster's own epmd (servers and CLI)
         "RABBITMQ_NODENAME": facts.rabbit_node_name(node.name),
         "RABBITMQ_NODE_IP_ADDRESS": node.address,
         "RABBITMQ_NODE_PORT": str(facts.spec.ports.rabbitmq_amqp),
