@@ -239,7 +239,10 @@ def write_table(r: dict) -> None:
         "leadership off the primary's node, so a single machine loss never hits both at once.",
         "",
     ]
-    (ROOT / "docs/benchmarks.md").write_text("\n".join(lines))
+    path = ROOT / "docs/benchmarks.md"
+    marker = "## Whole cluster (Airflow layers included)"
+    rest = (marker + path.read_text().split(marker, 1)[1]) if path.exists() and marker in path.read_text() else ""
+    path.write_text("\n".join(lines) + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":

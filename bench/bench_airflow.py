@@ -1,0 +1,319 @@
+"""Benchmark of the whole HA Airflow cluster on this machine.
+
+1. `up` from nothing (packages and runtime venvs present) to the example DAG succeeded;
+2. `up` from stopped (data kept) to healthy;
+3. memory (PSS, every process of the cluster) and idle CPU over a window;
+4. end-to-end throughput of haflow_noop100 (100 no-op tasks) on the HA cluster, then on a
+   single-node Airflow on the same machine (one PostgreSQL, LocalExecutor, same slot count),
+   measured in the same run; the ratio is HA / single.
+
+Writes bench/results/airflow.json and the Airflow section of docs/benchmarks.md. Uses its own
+addresses (127.0.0.51-53 for the cluster, 127.0.0.61 for the single node) and stops every
+process it started, by PID.
+
+    .venv/bin/python bench/bench_airflow.py [--reps 3] [--idle-window 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from haflow.cluster import HOST, Cluster
+from haflow.components import airflow
+from haflow.hosts.local import default_venvs_dir
+from haflow.procs import ProcRef, wait_gone
+from haflow.secrets import Account, Secrets
+from haflow.spec import default_spec_text, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESSES = ["127.0.0.51", "127.0.0.52", "127.0.0.53"]
+SINGLE = "127.0.0.61"
+THROUGHPUT_DAG = "haflow_noop100"
+
+
+def make_cluster(state: Path) -> Cluster:
+    data = yaml.safe_load(default_spec_text())
+    data["cluster"] = "benchaf"
+    for node, addr in zip(data["nodes"], ADDRESSES):
+        node["address"] = addr
+    data["ports"]["epmd"] = 4372
+    return Cluster(parse_spec(data), state, say=lambda m: print(f"    {m}", flush=True))
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.monotonic()
+    r = fn()
+    return round(time.monotonic() - t, 1), r
+
+
+def cluster_procs(cluster: Cluster) -> list[psutil.Process]:
+    out = []
+    for n in [HOST, *cluster.facts.node_names]:
+        for ref in cluster.host.processes(n):
+            p = ref.process()
+            if p:
+                out.append(p)
+    return out
+
+
+def resources(procs: list[psutil.Process], window_s: float) -> dict:
+    def cpu(ps):
+        total = 0.0
+        for p in ps:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    before = cpu(procs)
+    time.sleep(window_s)
+    after = cpu(procs)
+    pss = rss = 0
+    for p in procs:
+        try:
+            m = p.memory_full_info()
+            pss += m.pss
+            rss += m.rss
+        except psutil.Error:
+            pass
+    return {"processes": len(procs), "pss_mib": round(pss / 2**20), "rss_mib": round(rss / 2**20),
+            "idle_cpu_pct_of_one_core": round(100 * (after - before) / window_s, 2), "window_s": window_s}
+
+
+def throughput(client: airflow.ApiClient, reps: int) -> list[float]:
+    """Tasks per second of haflow_noop100, trigger to run end."""
+    deadline = time.monotonic() + 300
+    while client.get(f"/dags/{THROUGHPUT_DAG}").status_code == 404 and time.monotonic() < deadline:
+        time.sleep(1)
+    out = []
+    for _ in range(reps):
+        t0 = time.monotonic()
+        run_id = client.trigger(THROUGHPUT_DAG)
+        state = "queued"
+        while state not in ("success", "failed"):
+            time.sleep(0.5)
+            state = client.run_state(THROUGHPUT_DAG, run_id)
+        elapsed = time.monotonic() - t0
+        if state != "success":
+            raise RuntimeError(f"{THROUGHPUT_DAG} run {run_id} {state}")
+        out.append(round(100 / elapsed, 2))
+        print(f"    {THROUGHPUT_DAG}: {elapsed:.1f}s -> {out[-1]} tasks/s", flush=True)
+    return out
+
+
+class SingleNode:
+    """One PostgreSQL and one Airflow (LocalExecutor) on one address: the baseline."""
+
+    def __init__(self, root: Path, slots: int) -> None:
+        self.root = root
+        self.slots = slots
+        self.procs: list[ProcRef] = []
+        self.password = "bench-" + os.urandom(8).hex()
+        self.pg_data = root / "pg"
+        self.venv = default_venvs_dir() / "airflow-3.3.2"
+
+    def _popen(self, argv: list[str], env: dict[str, str] | None = None, user: str | None = None, log: str = "x") -> ProcRef:
+        out = open(self.root / f"{log}.log", "ab")
+        kw = {}
+        if user:
+            pw = pwd.getpwnam(user)
+            kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd=self.root, **kw)
+        ref = ProcRef.of(p.pid, log)
+        self.procs.append(ref)
+        return ref
+
+    def start(self) -> None:
+        pgbin = Path("/usr/lib/postgresql/15/bin")
+        pw = pwd.getpwnam("postgres")
+        self.pg_data.mkdir(mode=0o700)
+        os.chown(self.pg_data, pw.pw_uid, pw.pw_gid)
+        sock = self.root / "sock"
+        sock.mkdir()
+        os.chown(sock, pw.pw_uid, pw.pw_gid)
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password)
+        os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        subprocess.run(["runuser", "-u", "postgres", "--", str(pgbin / "initdb"), "-D", str(self.pg_data), "-U", "postgres",
+                        "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8"],
+                       check=True, capture_output=True)
+        self._popen([str(pgbin / "postgres"), "-D", str(self.pg_data), "-c", f"listen_addresses={SINGLE}",
+                     "-c", f"unix_socket_directories={sock}", "-c", "max_connections=200", "-c", "shared_buffers=128MB"],
+                    user="postgres", log="postgres")
+        for _ in range(60):
+            if subprocess.run([str(pgbin / "pg_isready"), "-h", SINGLE, "-p", "5432"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        import psycopg
+        with psycopg.connect(host=SINGLE, user="postgres", password=self.password, dbname="postgres", autocommit=True) as c:
+            c.execute("CREATE DATABASE airflow")
+        env = self.env()
+        subprocess.run([str(self.venv / "bin/airflow"), "db", "migrate"], env=env, check=True, capture_output=True, cwd=self.root)
+        af = str(self.venv / "bin/airflow")
+        self._popen([af, "api-server", "--host", SINGLE, "--port", "8080", "--workers", "1"], env, log="api")
+        self._popen([af, "scheduler"], env, log="scheduler")
+        self._popen([af, "dag-processor"], env, log="dag-processor")
+        import httpx
+        for _ in range(180):
+            try:
+                if httpx.get(f"http://{SINGLE}:8080/api/v2/monitor/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("single-node api-server did not come up")
+
+    def env(self) -> dict[str, str]:
+        home = self.root / "airflow"
+        home.mkdir(exist_ok=True)
+        (home / "passwords.json").write_text(json.dumps({"admin": self.password}))
+        return {
+            "AIRFLOW_HOME": str(home), "PATH": f"{self.venv}/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(self.slots),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "src/haflow/examples/dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{SINGLE}:8080/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://postgres:{self.password}@{SINGLE}:5432/airflow",
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.password * 2, "AIRFLOW__API__SECRET_KEY": self.password * 2,
+            "AIRFLOW__API__WORKERS": "1",
+        }
+
+    def client(self) -> airflow.ApiClient:
+        return airflow.ApiClient(f"http://{SINGLE}:8080", Secrets({"airflow_admin": Account("admin", self.password)}))
+
+    def stop(self) -> None:
+        for ref in reversed(self.procs):
+            if ref.alive():
+                ref.kill_group(signal.SIGTERM)
+        left = wait_gone(self.procs, 30)
+        for ref in left:
+            ref.kill_group(signal.SIGKILL)
+        wait_gone(left, 5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--idle-window", type=float, default=60)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/airflow.json")
+    args = ap.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="haflow-benchaf-", dir="/var/tmp"))
+    root.chmod(0o755)
+    state = root / ".haflow"
+    cluster = make_cluster(state)
+    results: dict = {"cold_up_to_example_dag_s": [], "stopped_to_healthy_s": []}
+    try:
+        cluster.ensure_prerequisites()
+        for i in range(args.reps):
+            print(f"cold up {i + 1}/{args.reps}", flush=True)
+            elapsed, r = timed(lambda: cluster.up(smoke=True))
+            results["cold_up_to_example_dag_s"].append(elapsed)
+            results.setdefault("example_dag_runs", []).append(r["example_dag"])
+            if i < args.reps - 1:
+                cluster.down()
+                cluster.purge()
+                cluster = make_cluster(state)
+        for i in range(args.reps):
+            print(f"stopped -> healthy {i + 1}/{args.reps}", flush=True)
+            cluster.down()
+            elapsed, _ = timed(lambda: cluster.up(smoke=False))
+            results["stopped_to_healthy_s"].append(elapsed)
+        print("idle resources", flush=True)
+        time.sleep(30)  # let start-up work settle
+        results["idle"] = resources(cluster_procs(cluster), args.idle_window)
+        print(f"    {results['idle']}", flush=True)
+        print("throughput, HA cluster", flush=True)
+        results["ha_tasks_per_s"] = throughput(cluster.api_client(), args.reps)
+        slots = cluster.spec.airflow.worker_concurrency * len(cluster.facts.nodes)
+        cluster.down()
+        print("throughput, single node", flush=True)
+        single = SingleNode(root / "single", slots)
+        (root / "single").mkdir()
+        try:
+            single.start()
+            results["single_tasks_per_s"] = throughput(single.client(), args.reps)
+        finally:
+            single.stop()
+        results["slots"] = slots
+    finally:
+        cluster.down()
+        for n in [HOST, *cluster.facts.node_names]:
+            cluster.host.kill_node(n)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+
+    ha = statistics.median(results["ha_tasks_per_s"])
+    single_tps = statistics.median(results["single_tasks_per_s"])
+    results["summary"] = {
+        "cold_up_to_example_dag_s": {"median": statistics.median(results["cold_up_to_example_dag_s"]),
+                                     "max": max(results["cold_up_to_example_dag_s"])},
+        "stopped_to_healthy_s": {"median": statistics.median(results["stopped_to_healthy_s"]),
+                                 "max": max(results["stopped_to_healthy_s"])},
+        "pss_mib": results["idle"]["pss_mib"],
+        "idle_cpu_pct_of_one_core": results["idle"]["idle_cpu_pct_of_one_core"],
+        "ha_tasks_per_s": ha,
+        "single_tasks_per_s": single_tps,
+        "throughput_ratio": round(ha / single_tps, 2),
+    }
+    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
+                       "airflow": cluster.spec.airflow.version, "worker_concurrency": cluster.spec.airflow.worker_concurrency}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(results)
+    print(json.dumps(results["summary"], indent=2))
+
+
+def write_section(r: dict) -> None:
+    s, m = r["summary"], r["meta"]
+    section = "\n".join([
+        "## Whole cluster (Airflow layers included)",
+        "",
+        f"Measured by `bench/bench_airflow.py` on {m['date']}, {m['reps']} repetitions; raw data in",
+        "`bench/results/airflow.json`.",
+        "",
+        "| what | median | max | target |",
+        "|---|---|---|---|",
+        f"| `haflow up` from nothing (packages present) to the example DAG succeeded | {s['cold_up_to_example_dag_s']['median']} s | {s['cold_up_to_example_dag_s']['max']} s | <= 180 s |",
+        f"| `haflow up` from stopped to healthy | {s['stopped_to_healthy_s']['median']} s | {s['stopped_to_healthy_s']['max']} s | |",
+        "",
+        "| at rest | value |",
+        "|---|---|",
+        f"| memory, PSS of every process of the cluster ({r['idle']['processes']} processes) | {s['pss_mib']} MiB |",
+        f"| idle CPU, % of one core ({r['idle']['window_s']:.0f} s window) | {s['idle_cpu_pct_of_one_core']} % |",
+        "",
+        f"| throughput of 100 no-op tasks ({r['slots']} task slots each) | tasks/s (median) |",
+        "|---|---|",
+        f"| HA cluster (3 schedulers, 3 Celery workers, quorum queues, Patroni) | {s['ha_tasks_per_s']} |",
+        f"| single node (one PostgreSQL, LocalExecutor) | {s['single_tasks_per_s']} |",
+        f"| ratio HA / single | **{s['throughput_ratio']}** (target >= 0.8) |",
+        "",
+    ])
+    path = ROOT / "docs/benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    marker = "## Whole cluster (Airflow layers included)"
+    text = text.split(marker)[0].rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
