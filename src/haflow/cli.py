@@ -24,7 +24,7 @@ from haflow.errors import HaflowError, UserError
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.spec import default_spec_text, load_spec
 
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 STATE_ENV = "HAFLOW_STATE_DIR"
 DEBUG_ENV = "HAFLOW_DEBUG"
@@ -176,6 +176,21 @@ def prereqs(spec_file: Path | None, state_dir: Path | None, install: bool) -> No
         packages = " ".join(sorted({r.apt for r in need}))
         raise UserError(f"missing {', '.join(r.what for r in need)}; install with: sudo apt-get install -y {packages} (or `haflow prereqs --install` as root)")
     out.print("system prerequisites present")
+
+
+@cli.command()
+@spec_options
+@click.option("--to", "to", help="The node to make primary (default: the synchronous standby).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def switchover(spec_file: Path | None, state_dir: Path | None, to: str | None, as_json: bool) -> None:
+    """Planned primary change through Patroni; waits until every balancer routes to the new primary."""
+    cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
+    result = cluster.switchover(to)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"primary moved from {result['from']} to {result['to']} in {result['elapsed_s']}s; every balancer routes to it")
 
 
 @cli.group()

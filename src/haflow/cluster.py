@@ -329,9 +329,12 @@ class Cluster:
         t0 = time.monotonic()
         nodes = self.facts.node_names
         before = [r for n in [HOST, *nodes] for r in self.host.processes(n)]
-        for service in (airflow.WORKER, airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API):
-            self.say(f"stopping {service}")
-            self._parallel(lambda n, s=service: self.host.stop(n, s), nodes)
+        self.say("stopping Celery workers (warm: running tasks finish)")
+        self._parallel(lambda n: self.host.stop(n, airflow.WORKER), nodes)
+        self.say("stopping schedulers, triggerers, dag-processors, api-servers")
+        rest = [(n, s) for s in (airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API) for n in nodes]
+        with ThreadPoolExecutor(max_workers=len(rest)) as pool:
+            list(pool.map(lambda ns: self.host.stop(*ns), rest))
         self.say("stopping RabbitMQ")
         self._parallel(lambda n: self.host.stop(n, rabbitmq.NAME), nodes)
         self.say("stopping HAProxy")
@@ -368,6 +371,24 @@ class Cluster:
         if any(self.host.node_up(n) or self.host.processes(n) for n in [HOST, *self.facts.node_names]):
             raise UserError("the cluster is still running; run `haflow down` first, then `haflow down --purge --yes`")
         self.host.purge()
+
+    # --- planned operations -------------------------------------------------------------------
+    def switchover(self, to: str | None = None, timeout: float = 60) -> dict[str, Any]:
+        """Planned primary change through Patroni; returns when every balancer routes to the new
+        primary. Refuses (UserError) when unsafe: no healthy sync standby, lag, unknown node."""
+        leader, candidate = patroni.switchover_plan(self.facts, to)
+        self.say(f"switching the primary from {leader} to {candidate}")
+        t0 = time.monotonic()
+        patroni.request_switchover(self.facts, self.secrets, leader, candidate)
+
+        def routed() -> dict[str, Any]:
+            lb = haproxy.probe(self.facts, candidate)
+            return {**lb, "healthy": lb["healthy"] and patroni.probe(self.facts)["leader"] == candidate}
+
+        self._wait(f"every balancer to route to {candidate}", timeout, routed)
+        moved = etcd.move_leader_away(self.facts, candidate)
+        return {"from": leader, "to": candidate, "elapsed_s": round(time.monotonic() - t0, 1),
+                "etcd_leader_moved_to": moved}
 
     # --- faults (used by tests, benchmarks and later by drills) --------------------------------
     def kill_node(self, node: str) -> list[ProcRef]:

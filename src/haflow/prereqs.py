@@ -7,6 +7,7 @@ live in their own venvs built from the distro's Python, so the service users can
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -45,6 +46,8 @@ def system_requirements(spec: Spec) -> list[Requirement]:
             f"postgresql-{pg}",
         ),
         Requirement("python3-venv", _system_venv_available, "python3-venv"),
+        Requirement("rabbitmq-server", lambda: Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()
+                    and shutil.which("epmd") is not None, "rabbitmq-server"),
     ]
 
 
@@ -71,15 +74,44 @@ def ensure_system(spec: Spec, progress: Progress) -> list[str]:
         raise UserError(f"missing {what}; install with: sudo apt-get update && sudo {' '.join(cmd)}")
     progress(f"installing {' '.join(packages)} with apt")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"], cmd):
-        r = subprocess.run(argv, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
-            raise UserError(f"`{' '.join(argv)}` failed ({tail[0]}); fix apt and re-run `haflow up`")
+    with _services_not_started():
+        for argv in (["apt-get", "update", "-qq"], cmd):
+            r = subprocess.run(argv, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+                raise UserError(f"`{' '.join(argv)}` failed ({tail[0]}); fix apt and re-run `haflow up`")
+    _disable_distro_services(packages)
     still = missing(spec)
     if still:
         raise UserError(f"still missing after apt: {', '.join(r.what for r in still)}")
     return packages
+
+
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+# Services the distro packages enable that would take the ports haflow's own processes bind
+# (rabbitmq-server and epmd listen on 0.0.0.0); etcd, PostgreSQL and HAProxy's defaults do not clash.
+DISTRO_SERVICES = {"rabbitmq-server": ["rabbitmq-server.service", "epmd.socket", "epmd.service"]}
+
+
+@contextlib.contextmanager
+def _services_not_started():
+    """Debian's policy-rc.d convention: exit 101 keeps maintainer scripts from starting services."""
+    if POLICY_RC_D.exists():
+        yield
+        return
+    POLICY_RC_D.write_text("#!/bin/sh\n# written by haflow during apt-get install; removed right after\nexit 101\n")
+    POLICY_RC_D.chmod(0o755)
+    try:
+        yield
+    finally:
+        POLICY_RC_D.unlink(missing_ok=True)
+
+
+def _disable_distro_services(packages: list[str]) -> None:
+    """haflow runs these itself: keep the distro's copies from starting at the next boot."""
+    units = [u for p in packages for u in DISTRO_SERVICES.get(p, [])]
+    if units and shutil.which("systemctl") and Path("/run/systemd/system").is_dir():
+        subprocess.run(["systemctl", "disable", "--now", *units], capture_output=True)
 
 
 def ensure_venv(venv: Path, requirements: list[str], progress: Progress) -> bool:

@@ -143,6 +143,20 @@ def test_secrets_files_are_0600(env):
     assert shown["airflow_admin"]["username"] == "admin" and shown["rabbitmq_airflow"]["password"]
 
 
+def test_the_ui_answers_on_the_printed_url_with_the_printed_credentials(env):
+    cluster: Cluster = env["cluster"]
+    r = haflow(env, "up", "--no-smoke")
+    url = next(line.split("Airflow UI: ")[1].split()[0] for line in r.stdout.splitlines() if line.startswith("Airflow UI: "))
+    assert url == cluster.facts.api_urls[0]
+    page = httpx.get(url, timeout=10, follow_redirects=True)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    creds = json.loads(haflow(env, "secrets", "show", "--json").stdout)["airflow_admin"]
+    login = httpx.post(f"{url}auth/token", json={"username": creds["username"], "password": creds["password"]}, timeout=10)
+    assert login.status_code in (200, 201) and login.json()["access_token"]
+    wrong = httpx.post(f"{url}auth/token", json={"username": creds["username"], "password": "wrong"}, timeout=10)
+    assert wrong.status_code == 401
+
+
 def test_a_token_from_one_api_server_works_on_another(env):
     cluster: Cluster = env["cluster"]
     a, b = cluster.facts.nodes[0], cluster.facts.nodes[1]

@@ -49,6 +49,7 @@ def env():
     root.chmod(0o755)
     data = yaml.safe_load(default_spec_text())
     data["cluster"] = "itest"
+    data["ports"]["epmd"] = 4370  # its own epmd: a developer's cluster may hold 4369
     for node, addr in zip(data["nodes"], ADDRESSES):
         node["address"] = addr
     spec_path = root / "cluster.yaml"
@@ -58,7 +59,7 @@ def env():
     yield e
     # Teardown: orderly down; whatever survives is killed by its verified PID, never by name.
     subprocess.run([*HAFLOW, "down", "-f", str(spec_path)], capture_output=True, timeout=300)
-    for node in cluster.facts.node_names:
+    for node in ["_host", *cluster.facts.node_names]:
         cluster.host.kill_node(node)
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(cluster.host.run_base, ignore_errors=True)
@@ -128,6 +129,34 @@ def test_second_up_changes_nothing(env):
     assert json.loads(r.stdout)["up"]["changed"] == []
 
 
+def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_writes(env):
+    cluster: Cluster = env["cluster"]
+    facts = cluster.facts
+    db = status(env)["layers"]["database"]
+    leader = db["leader"]
+    sync = next(m["node"] for m in db["members"] if m["role"] == "sync_standby")
+    other = next(m["node"] for m in db["members"] if m["role"] == "replica")
+    r = haflow(env, "switchover", "--to", other, check=False)
+    assert r.returncode == 2 and "not the synchronous standby" in r.stderr, r.stderr
+    r = haflow(env, "switchover", "--to", "node9", check=False)
+    assert r.returncode == 2 and "unknown node 'node9'" in r.stderr
+    r = haflow(env, "switchover", "--to", leader, check=False)
+    assert r.returncode == 2 and "already the primary" in r.stderr
+
+    su = superuser(env)
+    writer = Writer([n.pg_primary for n in facts.nodes], su.username, su.password, "postgres", run_id=2)
+    writer.ensure_table()
+    writer.start()
+    time.sleep(3)
+    result = json.loads(haflow(env, "switchover", "--json").stdout)
+    time.sleep(3)
+    log = writer.stop()
+    assert (result["from"], result["to"]) == (leader, sync)
+    assert status(env)["layers"]["database"]["leader"] == sync
+    assert lost_writes(log, facts.nodes[0].pg_primary, su.username, su.password, "postgres") == []
+    assert log.longest_gap() < 30  # measured, not a target: bench/ records the gap
+
+
 def test_losing_the_leaders_node_loses_no_acknowledged_write_and_it_rejoins(env):
     cluster: Cluster = env["cluster"]
     facts = cluster.facts
@@ -192,9 +221,23 @@ def test_losing_the_leaders_node_loses_no_acknowledged_write_and_it_rejoins(env)
     assert count >= len(log.acknowledged)
 
 
+def test_up_after_a_simulated_reboot_restarts_everything_and_keeps_data(env):
+    """A reboot: every process gone at once (nothing stopped cleanly), /run wiped."""
+    cluster: Cluster = env["cluster"]
+    su = superuser(env)
+    before = query(cluster.facts.nodes[0].pg_primary, su, "SELECT count(*) FROM haflow_canary_writes")[0][0]
+    for node in ["_host", *cluster.facts.node_names]:
+        cluster.host.kill_node(node)
+    shutil.rmtree(cluster.host.run_base)
+    r = haflow(env, "up", "--json")
+    assert json.loads(r.stdout)["status"]["healthy"] is True
+    after = query(cluster.facts.nodes[0].pg_primary, su, "SELECT count(*) FROM haflow_canary_writes")[0][0]
+    assert after == before
+
+
 def test_down_leaves_no_process_behind(env):
     cluster: Cluster = env["cluster"]
-    procs = [r for n in cluster.facts.node_names for r in cluster.host.processes(n)]
+    procs = [r for n in ["_host", *cluster.facts.node_names] for r in cluster.host.processes(n)]
     assert len(procs) > 20
     haflow(env, "down")
     time.sleep(0.5)

@@ -26,6 +26,7 @@ def test_up_and_purge_from_a_private_directory():
     spec_path = root / "cluster.yaml"
     data = yaml.safe_load(default_spec_text())
     data["cluster"] = "private"
+    data["ports"]["epmd"] = 4373
     for node, addr in zip(data["nodes"], ADDRESSES):
         node["address"] = addr
     spec_path.write_text(yaml.safe_dump(data))
@@ -42,7 +43,7 @@ def test_up_and_purge_from_a_private_directory():
         assert r.returncode == 0, r.stderr
         assert not real.exists() and not (root / ".haflow").exists()
     finally:
-        for n in cluster.facts.node_names:
+        for n in ["_host", *cluster.facts.node_names]:
             cluster.host.kill_node(n)
         cluster.host.purge()
         shutil.rmtree(root, ignore_errors=True)

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from haflow.cluster import Cluster
@@ -103,23 +104,18 @@ def test_consumer_timeout_must_outlast_the_task_timeout():
     data = yaml.safe_load(default_spec_text())
     data["broker"] = {"consumer_timeout_s": 3600}
     data["airflow"] = {"task_execution_timeout_s": 7200}
-    try:
+    with pytest.raises(SpecError) as e:
         parse_spec(data)
-    except SpecError as e:
-        assert any(l.startswith("broker.consumer_timeout_s: 3600 s does not outlast airflow.task_execution_timeout_s") for l in e.details)
-    else:
-        raise AssertionError("expected a SpecError")
+    assert any(l.startswith("broker.consumer_timeout_s: 3600 s does not outlast airflow.task_execution_timeout_s")
+               for l in e.value.details)
 
 
 def test_unsupported_airflow_version_names_the_field():
     data = yaml.safe_load(default_spec_text())
     data["airflow"] = {"version": "2.10.5"}
-    try:
+    with pytest.raises(SpecError) as e:
         parse_spec(data)
-    except SpecError as e:
-        assert any(l.startswith("airflow.version: Airflow '2.10.5' is not supported") for l in e.details)
-    else:
-        raise AssertionError("expected a SpecError")
+    assert any(l.startswith("airflow.version: Airflow '2.10.5' is not supported") for l in e.value.details)
 
 
 def test_dag_folder_sync_is_atomic_and_idempotent(tmp_path):

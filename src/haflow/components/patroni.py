@@ -250,3 +250,49 @@ def probe(facts: ClusterFacts) -> dict[str, Any]:
         "members": members,
         "problems": problems,
     }
+
+
+# --- planned switchover -------------------------------------------------------------------------
+
+MAX_SWITCHOVER_LAG_BYTES = 1024 * 1024
+
+
+def switchover_plan(facts: ClusterFacts, to: str | None) -> tuple[str, str]:
+    """(leader, candidate) for a planned switchover, or a UserError saying why it is unsafe."""
+    from haflow.errors import UserError
+
+    state = probe(facts)
+    leader = state["leader"]
+    if leader is None:
+        raise UserError("no running primary to switch over from; run `haflow status` and `haflow up` first")
+    members = {m["node"]: m for m in state["members"]}
+    sync = [n for n, m in members.items() if m["role"] == "sync_standby" and m["state"] == "streaming"]
+    if facts.spec.database.synchronous_mode and not sync:
+        raise UserError("refusing: no healthy synchronous standby, a switchover could lose acknowledged writes; "
+                        "wait for `haflow status` to show one")
+    if to is not None:
+        facts.node(to)  # unknown node -> UserError naming the known ones
+        if to == leader:
+            raise UserError(f"{to} is already the primary")
+    candidate = to or (sync[0] if sync else next((n for n, m in members.items() if m["state"] == "streaming"), None))
+    if candidate is None:
+        raise UserError("refusing: no streaming replica to switch over to")
+    m = members[candidate]
+    if m["state"] != "streaming":
+        raise UserError(f"refusing: {candidate} is {m['state']}, not a streaming replica")
+    if facts.spec.database.synchronous_mode and candidate not in sync:
+        raise UserError(f"refusing: {candidate} is not the synchronous standby ({', '.join(sync)}); in synchronous "
+                        "mode only it has every acknowledged write: use --to " + sync[0])
+    if (m["lag_bytes"] or 0) > MAX_SWITCHOVER_LAG_BYTES:
+        raise UserError(f"refusing: {candidate} lags {m['lag_bytes']} bytes behind (limit {MAX_SWITCHOVER_LAG_BYTES}); retry when it caught up")
+    return leader, candidate
+
+
+def request_switchover(facts: ClusterFacts, secrets: Secrets, leader: str, candidate: str) -> None:
+    auth = (secrets["patroni_restapi"].username, secrets["patroni_restapi"].password)
+    node = facts.node(leader)
+    r = httpx.post(f"{node.patroni_api_url}/switchover", json={"leader": leader, "candidate": candidate}, auth=auth, timeout=30)
+    if r.status_code != 200:
+        from haflow.errors import HaflowError
+
+        raise HaflowError(f"Patroni refused the switchover ({r.status_code}): {r.text.strip()}")

@@ -479,7 +479,10 @@ def _holder(address: str, port: int) -> str:
         for c in psutil.net_connections("tcp"):
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.laddr.ip in (address, "0.0.0.0", "::") and c.pid:
                 name = psutil.Process(c.pid).name()
-                hint = " (an epmd daemonized by an Erlang tool; `epmd -kill` stops it)" if name == "epmd" else ""
+                hint = {
+                    "epmd": " (an epmd daemonized by an Erlang tool or the distro's epmd.socket; `epmd -kill` stops it)",
+                    "beam.smp": " (the distro's rabbitmq-server service? `systemctl disable --now rabbitmq-server`)",
+                }.get(name, "")
                 return f" by pid {c.pid} ({name}){hint}"
     except psutil.Error:
         pass
