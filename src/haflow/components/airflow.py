@@ -154,7 +154,8 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
             svc(TRIGGERER, [airflow, "triggerer", *skip_logs], stop_timeout_s=60),
             # Warm shutdown lets running tasks finish: the grace period is as long as a task may run.
             svc(WORKER, [airflow, "celery", "worker", "--celery-hostname", worker_name(facts, node.name),
-                         "--queues", QUEUE, "--concurrency", str(af.worker_concurrency), *skip_logs],
+                         "--queues", QUEUE, "--concurrency", str(af.worker_concurrency),
+                         "--without-gossip", "--without-mingle", *skip_logs],  # Airflow uses neither
                 stop_timeout_s=min(af.task_execution_timeout_s, 600)),
         ],
     )
