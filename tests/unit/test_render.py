@@ -56,7 +56,9 @@ def test_patroni_config_has_the_measured_defaults(tmp_path):
     c = cluster(tmp_path)
     conf = yaml.safe_load(file_of(c, "node2", "patroni.yml").content)
     dcs = conf["bootstrap"]["dcs"]
-    assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (20, 10, 5)
+    assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (20, 5, 5)  # bootstrap; up sets 10
+    from haflow.components.patroni import dynamic_config
+    assert dynamic_config(c.facts)["loop_wait"] == 10
     assert dcs["synchronous_mode"] is True and dcs["failsafe_mode"] is True
     assert dcs["postgresql"]["use_pg_rewind"] is True
     assert conf["etcd3"]["hosts"] == [f"{a}:2379" for a in ADDRESSES]

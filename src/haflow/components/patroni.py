@@ -89,6 +89,17 @@ def dynamic_config(facts: ClusterFacts) -> dict[str, Any]:
     }
 
 
+# A fresh cluster's replicas stream only after the leader created their slots in its next loop
+# (field notes P5): bootstrap runs the short loop, and `up` then reconciles the spec's loop_wait.
+BOOTSTRAP_LOOP_WAIT = 5
+
+
+def bootstrap_dynamic_config(facts: ClusterFacts) -> dict[str, Any]:
+    conf = dynamic_config(facts)
+    conf["loop_wait"] = min(conf["loop_wait"], BOOTSTRAP_LOOP_WAIT)
+    return conf
+
+
 def config_drift(desired: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """The part of `desired` that `current` does not match (values compared as strings, since
     Patroni keeps some parameters as strings)."""
@@ -142,7 +153,7 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
         },
         "etcd3": {"hosts": facts.etcd_hosts},
         "bootstrap": {
-            "dcs": dynamic_config(facts),
+            "dcs": bootstrap_dynamic_config(facts),
             "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
         },
         "postgresql": {
