@@ -96,7 +96,7 @@ def test_secrets_file_is_0600_and_json_has_accounts(env):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     shown = json.loads(haflow(env, "secrets", "show", "--json").stdout)
     assert shown["postgres_airflow"]["username"] == "airflow" and shown["postgres_airflow"]["password"]
-    conf = env["root"] / ".haflow" / "nodes" / "node1" / "patroni.yml"
+    conf = env["cluster"].host.layout("node1").db_root / "patroni.yml"
     assert oct(conf.stat().st_mode & 0o777) == "0o600"
     assert shown["postgres_superuser"]["password"] not in haflow(env, "status").stdout
 
