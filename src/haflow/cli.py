@@ -137,10 +137,12 @@ def down(spec_file: Path | None, state_dir: Path | None, purge: bool, yes: bool)
     if purge and not yes:
         raise UserError(f"--purge deletes every database, log and secret in {cluster.state_dir}; add --yes to confirm")
     result = cluster.down()
-    out.print(f"cluster [bold]{cluster.facts.name}[/] stopped in {result['elapsed_s']}s ({result['stopped_processes']} processes); data kept in {cluster.state_dir}" if not purge else "")
     if purge:
         cluster.purge()
         out.print(f"cluster [bold]{cluster.facts.name}[/] stopped and purged ({cluster.state_dir} deleted)")
+    else:
+        out.print(f"cluster [bold]{cluster.facts.name}[/] stopped in {result['elapsed_s']}s "
+                  f"({result['stopped_processes']} processes); data kept in {cluster.state_dir}")
 
 
 @cli.command()

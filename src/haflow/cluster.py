@@ -19,7 +19,7 @@ import httpx
 
 from haflow import prereqs
 from haflow.components import airflow, etcd, haproxy, patroni, postgres, rabbitmq
-from haflow.components.base import DesiredState
+from haflow.components.base import DesiredState, Service
 from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
 from haflow.hosts.local import LocalHost
@@ -52,6 +52,7 @@ class Cluster:
         self.host = LocalHost(state_dir, spec.cluster)
         self.say = say
         self._secrets: Secrets | None = None
+        self._services: dict[str, dict[str, Service]] = {}
 
     @property
     def secrets(self) -> Secrets:
@@ -111,8 +112,11 @@ class Cluster:
 
     def _apply_all(self, changed: list[str]) -> dict[str, list[Path]]:
         file_changes: dict[str, list[Path]] = {}
+        self._services = {}
         for node in self.facts.node_names:
-            file_changes[node] = self.host.apply(node, self.desired(node)).files
+            desired = self.desired(node)
+            self._services[node] = {s.name: s for s in desired.services}
+            file_changes[node] = self.host.apply(node, desired).files
             changed += [str(p) for p in file_changes[node]]
         file_changes[HOST] = self.host.apply(HOST, rabbitmq.render_epmd(self.facts)).files
         for node in [HOST, *self.facts.node_names]:
@@ -295,7 +299,7 @@ class Cluster:
     ) -> list[str]:
         done = []
         for node in nodes:
-            spec = next(s for s in self.desired(node).services if s.name == service)
+            spec = self._services[node][service]  # rendered once per `up` by _apply_all
             stale = any(p in spec.restart_files for p in file_changes.get(node, []))
             if self.host.start(node, service):
                 done.append(f"{node}: started {service}")

@@ -8,6 +8,7 @@ live in their own venvs built from the distro's Python, so the service users can
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import stat
@@ -133,8 +134,6 @@ def ensure_venv(venv: Path, requirements: list[str], progress: Progress) -> bool
 
 
 def _digest(path: str) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
