@@ -11,7 +11,7 @@ import httpx
 
 from haflow.components.base import DesiredState, File, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
-from haflow.templates import render_template
+from haflow.rendering import render_template
 
 NAME = "haproxy"
 BINARY = "haproxy"

@@ -35,7 +35,7 @@ from haflow.components.base import DesiredState, Directory, File, Service
 from haflow.errors import HaflowError, UserError
 from haflow.facts import NodeLayout
 from haflow.procs import ProcRef, wait_gone
-from haflow.templates import render_template
+from haflow.rendering import render_template
 
 AGENT_FILE = "agent.json"
 DB_DIR = "pg"
