@@ -12,8 +12,15 @@ from haflow.components.base import DesiredState, Directory, File
 from haflow.hosts.local import DB_RELOCATION_BASE, LocalHost, is_root, reachable_by
 
 
-def test_apply_reports_changes_once(tmp_path):
-    host = LocalHost(tmp_path / "state", "t")
+@pytest.fixture
+def host(tmp_path):
+    """A local host on a temporary state dir; its runtime dir (under /run) is removed after."""
+    h = LocalHost(tmp_path / "state", "t")
+    yield h
+    shutil.rmtree(h.run_base, ignore_errors=True)
+
+
+def test_apply_reports_changes_once(tmp_path, host):
     f = File(tmp_path / "state/nodes/n1/x.conf", "a = 1\n", 0o640)
     desired = DesiredState(dirs=[Directory(tmp_path / "state/nodes/n1/d", 0o700)], files=[f])
     first = host.apply("n1", desired)
@@ -24,9 +31,8 @@ def test_apply_reports_changes_once(tmp_path):
     assert host.apply("n1", desired).files == [f.path]
 
 
-def test_supervisor_config_escapes_percent_signs(tmp_path):
+def test_supervisor_config_escapes_percent_signs(tmp_path, host):
     from haflow.components.base import Service
-    host = LocalHost(tmp_path / "state", "t")
     desired = DesiredState(services=[Service("svc", ("/bin/echo", "100%"), env={"A": "5%"})])
     host.apply("n1", desired)
     conf = (tmp_path / "state/nodes/n1/supervisord.conf").read_text()
