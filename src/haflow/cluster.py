@@ -116,9 +116,9 @@ class Cluster:
         for node in self.facts.node_names:
             desired = self.desired(node)
             self._services[node] = {s.name: s for s in desired.services}
-            file_changes[node] = self.host.apply(node, desired).files
+            file_changes[node] = self.host.apply(node, desired)
             changed += [str(p) for p in file_changes[node]]
-        file_changes[HOST] = self.host.apply(HOST, rabbitmq.render_epmd(self.facts)).files
+        file_changes[HOST] = self.host.apply(HOST, rabbitmq.render_epmd(self.facts))
         for node in [HOST, *self.facts.node_names]:
             if self.host.ensure_agent(node):
                 changed.append(f"{node}: started supervisor")

@@ -119,7 +119,9 @@ def ensure_venv(venv: Path, requirements: list[str], progress: Progress) -> bool
     """Create (or repair) a runtime venv with exactly these requirements; True if built.
     A marker written last makes an interrupted build be redone rather than trusted."""
     marker = venv / COMPLETE_MARKER
-    wanted = "\n".join(requirements + [_digest(a) for a in requirements if Path(a).is_file()])
+    # A file argument (the constraints) counts by its content, not its path: a new clone of
+    # haflow ships the same file elsewhere and must not rebuild the venv.
+    wanted = "\n".join(_digest(a) if Path(a).is_file() else a for a in requirements)
     if marker.exists() and marker.read_text() == wanted:
         return False
     if venv.exists():

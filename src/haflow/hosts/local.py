@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +63,6 @@ def runtime_base(state_dir: Path) -> Path:
     digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
     base = Path("/run/haflow") if is_root() and Path("/run").is_dir() else Path(f"/tmp/haflow-{os.getuid()}")
     return base / digest
-
-
-@dataclass
-class Changes:
-    files: list[Path]
-    agent_started: bool = False
-
-    def __bool__(self) -> bool:
-        return bool(self.files) or self.agent_started
 
 
 class LocalHost:
@@ -139,9 +129,9 @@ class LocalHost:
         return problems
 
     # --- desired state --------------------------------------------------------------------------
-    def apply(self, node: str, desired: DesiredState) -> Changes:
+    def apply(self, node: str, desired: DesiredState) -> list[Path]:
         """Make files and directories as desired; render the node's supervisord config.
-        Returns what changed (nothing on a re-run)."""
+        Returns the files that changed (none on a re-run)."""
         layout = self.layout(node)
         for d in [Directory(layout.root, 0o755), Directory(layout.run, 0o755), Directory(layout.logs, 0o755), *desired.dirs]:
             _ensure_dir(d)
@@ -152,7 +142,7 @@ class LocalHost:
         conf = File(layout.root / "supervisord.conf", self._supervisor_conf(node, layout, desired.services), 0o600)
         if _ensure_file(conf):
             changed.append(conf.path)
-        return Changes(changed)
+        return changed
 
     def _supervisor_conf(self, node: str, layout: NodeLayout, services: list[Service]) -> str:
         me = getpass.getuser()
