@@ -197,6 +197,8 @@ class SingleNode:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://postgres:{self.password}@{SINGLE}:5432/airflow",
             "AIRFLOW__API_AUTH__JWT_SECRET": self.password * 2, "AIRFLOW__API__SECRET_KEY": self.password * 2,
             "AIRFLOW__API__WORKERS": "1",
+            # The same supervisor fix as the cluster's (components/airflow.py): it is not about HA.
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": str(airflow.MIN_HEARTBEAT_INTERVAL_S),
         }
 
     def client(self) -> airflow.ApiClient:

@@ -32,6 +32,7 @@ SERVICES = (API, SCHEDULER, DAG_PROCESSOR, TRIGGERER, WORKER)
 CONFIG_MODULE = "haflow_airflow"
 ELECTOR = "dag_processor_elect.py"
 QUEUE = "default"
+MIN_HEARTBEAT_INTERVAL_S = 1
 
 
 def venv_dir(layout: NodeLayout, version: str) -> Path:
@@ -105,11 +106,22 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         # A task queued on a worker that died with its broker connection is failed and retried
         # after this, instead of staying queued forever (apache/airflow#30375).
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(af.task_queued_timeout_s),
+        # The task supervisor notices its task process's exit only between select() waits of
+        # this length: when the process's sockets close before it has exited, a finished task
+        # holds its slot for the whole wait (a third of the no-op tasks took 5.1 s instead of
+        # 0.1 s at the default 5). 1 s bounds that and costs one heartbeat per running task per
+        # second (docs/benchmarks.md).
+        # A task whose worker died keeps its "running" state until its heartbeat is this old
+        # (default 300 s); then it is failed and retried.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(af.task_heartbeat_timeout_s),
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": str(MIN_HEARTBEAT_INTERVAL_S),
         "AIRFLOW__CELERY__BROKER_URL": f"amqp://{mq.username}:{mq.password}@{node.amqp_balancer}/airflow",
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{sql}",
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(af.worker_concurrency),
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": f"{CONFIG_MODULE}.CELERY_CONFIG",
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__CONFIRM_PUBLISH": "True",
+        # Where the canary DAG's tasks record their executions (haflow drill).
+        "HAFLOW_CANARY_DSN": f"postgresql://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(layout.task_logs),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(facts.worker_log_port(node.name)),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(facts.trigger_log_port(node.name)),
@@ -168,13 +180,27 @@ def _data(name: str) -> str:
 # --- DAG folder ---------------------------------------------------------------------------------
 
 
-def folder_checksum(folder: Path) -> str:
-    """sha256 over the sorted relative paths and contents of every file (no __pycache__)."""
+CANARY_DAG_FILE = "haflow_canary.py"
+
+
+def canary_dag_source() -> Path:
+    return Path(str(resources.files("haflow").joinpath("examples", "dags", CANARY_DAG_FILE)))
+
+
+def folder_checksum(folder: Path, extra: dict[str, Path] | None = None) -> str:
+    """sha256 over the sorted relative paths and contents of every file (no __pycache__), as
+    if the `extra` files (relative name -> file) were in the folder too."""
+    files = {p.relative_to(folder): p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    files.update({Path(name): p for name, p in (extra or {}).items()})
     h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and "__pycache__" not in p.parts:
-            h.update(str(p.relative_to(folder)).encode() + b"\0" + p.read_bytes() + b"\0")
+    for rel in sorted(files):
+        h.update(str(rel).encode() + b"\0" + files[rel].read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def bundle_extras(folder: Path) -> dict[str, Path]:
+    """What haflow adds to a DAG folder: its canary DAG (used by `haflow drill`), unless present."""
+    return {} if (folder / CANARY_DAG_FILE).exists() else {CANARY_DAG_FILE: canary_dag_source()}
 
 
 # --- probes -----------------------------------------------------------------------------------
