@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 cluster unhealthy, 2 bad input (one line per problem, n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,8 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from haflow import lock
 from haflow import status as status_mod
 from haflow.cluster import Cluster
+from haflow.drills.runner import DrillOptions, run_drill
+from haflow.drills.scenarios import ALL as SCENARIO_NAMES
 from haflow.errors import HaflowError, UserError
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.spec import default_spec_text, load_spec
@@ -73,6 +77,13 @@ def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[
                    spec_dir=spec_file.parent.absolute() if spec_file else None)
 
 
+def locked(cluster: Cluster, command: str) -> contextlib.AbstractContextManager[None]:
+    """One mutating command per cluster at a time (`up` may create the state directory)."""
+    if command != "up" and not cluster.state_dir.exists():
+        return contextlib.nullcontext()
+    return lock.exclusive(cluster.state_dir, command)
+
+
 class Progress:
     """Prints each step of a long operation with the time since it began."""
 
@@ -111,7 +122,8 @@ def init(path: Path, force: bool) -> None:
 def up(spec_file: Path | None, state_dir: Path | None, as_json: bool, smoke: bool | None) -> None:
     """Start the cluster (or restart what is missing), wait for health, run the example DAG, show status."""
     cluster = make_cluster(spec_file, state_dir, Progress())
-    result = cluster.up(smoke=smoke)
+    with locked(cluster, "up"):
+        result = cluster.up(smoke=smoke)
     snap = status_mod.snapshot(cluster)
     if as_json:
         out.print_json(json.dumps({"up": result, "status": snap}))
@@ -136,9 +148,11 @@ def down(spec_file: Path | None, state_dir: Path | None, purge: bool, yes: bool)
     cluster = make_cluster(spec_file, state_dir, Progress())
     if purge and not yes:
         raise UserError(f"--purge deletes every database, log and secret in {cluster.state_dir}; add --yes to confirm")
-    result = cluster.down()
+    with locked(cluster, "down"):
+        result = cluster.down()
+        if purge:
+            cluster.purge()
     if purge:
-        cluster.purge()
         out.print(f"cluster [bold]{cluster.facts.name}[/] stopped and purged ({cluster.state_dir} deleted)")
     else:
         out.print(f"cluster [bold]{cluster.facts.name}[/] stopped in {result['elapsed_s']}s "
@@ -188,11 +202,77 @@ def prereqs(spec_file: Path | None, state_dir: Path | None, install: bool) -> No
 def switchover(spec_file: Path | None, state_dir: Path | None, to: str | None, as_json: bool) -> None:
     """Planned primary change through Patroni; waits until every balancer routes to the new primary."""
     cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
-    result = cluster.switchover(to)
+    with locked(cluster, "switchover"):
+        result = cluster.switchover(to)
     if as_json:
         out.print_json(json.dumps(result))
     else:
         out.print(f"primary moved from {result['from']} to {result['to']} in {result['elapsed_s']}s; every balancer routes to it")
+
+
+@cli.command()
+@spec_options
+@click.argument("scenario", type=click.Choice([*SCENARIO_NAMES, "all"]), metavar="SCENARIO")
+@click.option("--node", help="The victim node (default: where the scenario hurts most, e.g. the primary's node).")
+@click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True, help="Run the scenario(s) this many times.")
+@click.option("--hold", "hold_s", type=click.FloatRange(0, 3600), default=20.0, show_default=True, help="node-crash: seconds the node stays down.")
+@click.option("--json", "as_json", is_flag=True, help="Print every drill's measurements, invariants and timeline as JSON.")
+@handle_errors
+def drill(spec_file: Path | None, state_dir: Path | None, scenario: str, node: str | None, repeat: int, hold_s: float,
+          as_json: bool) -> None:
+    """Kill part of the running cluster under load and measure recovery; exit 1 if an invariant broke.
+
+    SCENARIO: db-primary-crash, node-crash, broker-node-crash, scheduler-crash, api-server-crash,
+    worker-crash, etcd-leader-crash, switchover, or all (each in turn)."""
+    progress = Progress()  # one clock for the drill's steps and the `up` that brings a node back
+    cluster = make_cluster(spec_file, state_dir, progress)
+    names = SCENARIO_NAMES if scenario == "all" else [scenario]
+    if node is not None:
+        cluster.facts.node(node)  # bad input first: exit 2 naming the known nodes
+    results = []
+    with locked(cluster, "drill"):
+        for _ in range(repeat):
+            for name in names:
+                r = run_drill(cluster, name, DrillOptions(node=node, hold_s=hold_s), say=progress)
+                results.append(r)
+                if not as_json:
+                    print_drill(r)
+    if as_json:
+        out.print_json(json.dumps(results if len(results) > 1 or scenario == "all" else results[0]))
+    elif len(results) > 1:
+        print_drill_summary(results)
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+def print_drill(r: dict[str, Any]) -> None:
+    verdict = "[bold green]passed[/]" if r["ok"] else "[bold red]FAILED[/]: " + escape("; ".join(r["violations"]))
+    out.print(f"\n[bold]drill {r['scenario']}[/] on {r['node']}: {verdict}")
+    t = Table(show_header=True, header_style="bold")
+    for col in ("write RTO", "write gap", "task gap", "healthy", "writes (lost)", "runs (failed)", "never run", "dupl."):
+        t.add_column(col, justify="right")
+    t.add_row(_s(r["rto_s"]), _s(r["write_gap_s"]), _s(r["task_flow_gap_s"]), _s(r["recovered_s"]),
+              f"{r['acknowledged_writes']} ({r['acknowledged_writes_lost']})", f"{r['dag_runs']} ({r['dag_runs_failed']})",
+              str(r["tasks_never_executed"]), str(r["duplicate_executions"]))
+    out.print(t)
+    tl = Table("t", "event", show_header=True, header_style="bold", box=None)
+    for e in r["timeline"]:
+        tl.add_row(f"{e['t_s']:+.2f}s", escape(e["event"]))
+    out.print(tl)
+
+
+def print_drill_summary(results: list[dict[str, Any]]) -> None:
+    t = Table("drill", "node", "ok", "write RTO", "task-flow gap", "healthy after", "lost writes", "failed runs",
+              "never run", "duplicates", title="drills", header_style="bold")
+    for r in results:
+        t.add_row(r["scenario"], r["node"] or "-", "yes" if r["ok"] else "[red]NO[/]", _s(r["rto_s"]), _s(r["task_flow_gap_s"]),
+                  _s(r["recovered_s"]), str(r["acknowledged_writes_lost"]), str(r["dag_runs_failed"]),
+                  str(r["tasks_never_executed"]), str(r["duplicate_executions"]))
+    out.print(t)
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} s"
 
 
 @cli.group()
@@ -206,7 +286,8 @@ def dags() -> None:
 def dags_push(spec_file: Path | None, state_dir: Path | None) -> None:
     """Copy the spec's DAG folder to every node (atomically) and check the checksums agree."""
     cluster = make_cluster(spec_file, state_dir, Progress())
-    done = cluster.push_dags()
+    with locked(cluster, "dags push"):
+        done = cluster.push_dags()
     st = cluster.dags_status()
     out.print(f"DAGs {st['source_checksum'][:12]} from {st['source']}: " + (", ".join(done) if done else "every node already current"))
     if not st["agree"]:

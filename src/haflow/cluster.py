@@ -9,6 +9,7 @@ Stop: HAProxy -> Patroni replicas -> Patroni leader -> etcd followers -> etcd le
 from __future__ import annotations
 
 import signal
+import shutil
 import time
 from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
@@ -206,22 +207,39 @@ class Cluster:
             raise UserError(f"airflow.dags: {folder} is not a directory; point it at your DAG folder")
         return folder
 
+    def dags_bundle(self) -> Path:
+        """What every node gets: the DAG folder plus haflow's additions (airflow.bundle_extras),
+        staged in the state directory when there are any."""
+        source = self.dags_source()
+        extras = airflow.bundle_extras(source)
+        if not extras:
+            return source
+        staged = self.state_dir / "dags-staged"
+        tmp = self.state_dir / ".dags-staged.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for name, path in extras.items():
+            shutil.copy2(path, tmp / name)
+        shutil.rmtree(staged, ignore_errors=True)
+        tmp.rename(staged)
+        return staged
+
     def push_dags(self) -> list[str]:
         """Copy the DAG folder to every node, each switched atomically; returns what changed."""
-        source = self.dags_source()
-        checksum = airflow.folder_checksum(source)
+        bundle = self.dags_bundle()
+        checksum = airflow.folder_checksum(bundle)
         done = []
         for node in self.facts.node_names:
             link = airflow.dags_dir(self.host.layout(node))
             link.parent.mkdir(parents=True, exist_ok=True)
-            if self.host.sync_folder(node, source, link, checksum[:12]):
+            if self.host.sync_folder(node, bundle, link, checksum[:12]):
                 done.append(f"{node}: DAGs {checksum[:12]}")
         return done
 
     def dags_status(self) -> dict[str, Any]:
         try:
             source = self.dags_source()
-            want = airflow.folder_checksum(source)
+            want = airflow.folder_checksum(source, airflow.bundle_extras(source))
         except UserError:
             source, want = None, None
         nodes = []
@@ -394,10 +412,24 @@ class Cluster:
         return {"from": leader, "to": candidate, "elapsed_s": round(time.monotonic() - t0, 1),
                 "etcd_leader_moved_to": moved}
 
-    # --- faults (used by tests, benchmarks and later by drills) --------------------------------
+    # --- faults (drills, tests, benchmarks) ---------------------------------------------------
     def kill_node(self, node: str) -> list[ProcRef]:
+        """Every process of the node dies at once; it stays down until `up`."""
         self.facts.node(node)
         return self.host.kill_node(node)
+
+    def kill_service(self, node: str, service: str) -> list[ProcRef]:
+        """One service of a node dies (SIGKILL); the node's supervisor restarts it."""
+        self.facts.node(node)
+        return self.host.kill_service(node, service)
+
+    def crash_database(self, node: str) -> list[ProcRef]:
+        """Patroni and PostgreSQL of a node die together (Patroni double-forks PostgreSQL, so
+        killing Patroni alone would leave it running); the supervisor restarts Patroni."""
+        self.facts.node(node)
+        postmaster = self.host.postmaster(node)
+        killed = self.host.kill_service(node, patroni.NAME)
+        return killed + (self.host.kill_postmaster(node) if postmaster else [])
 
 
 def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:

@@ -172,6 +172,7 @@ class Airflow(_Strict):
     task_retries: int = 2
     task_retry_delay_s: int = 10
     task_queued_timeout_s: int = 120
+    task_heartbeat_timeout_s: int = 60  # a running task whose worker died is failed (and retried) after this
     dag_processor_lease_ttl_s: int = 10
 
     @field_validator("version")
@@ -187,6 +188,14 @@ class Airflow(_Strict):
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"{v} must be at least 1")
+        return v
+
+    @field_validator("task_heartbeat_timeout_s")
+    @classmethod
+    def _heartbeat(cls, v: int) -> int:
+        # Must outlast a database failover (about 20 s), when no heartbeat can be written.
+        if v < 45:
+            raise ValueError(f"{v} s is too short; use at least 45 (running tasks stop heartbeating during a database failover)")
         return v
 
     @field_validator("dag_processor_lease_ttl_s")

@@ -87,3 +87,16 @@ def test_up_with_a_taken_port_exits_2_naming_it(tmp_path):
         r = run("up", "-f", str(target))
     assert r.returncode == 2, r.stderr
     assert "127.0.0.98:8008 (ports.patroni_api) is already in use" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_second_mutating_command_stops_at_once_naming_the_first(tmp_path):
+    from haflow import lock
+
+    state = tmp_path / "state"
+    with lock.exclusive(state, "up"):
+        for args in (["down"], ["switchover"], ["dags", "push"], ["drill", "switchover"]):
+            r = run(*args, "--state-dir", str(state), cwd=tmp_path)
+            assert r.returncode == 1, (args, r.stdout, r.stderr)
+            assert r.stderr.strip().splitlines()[-1].startswith("error: another haflow command is running on this cluster")
+            assert "`haflow up`" in r.stderr
+    assert (state / lock.LOCK_FILE).stat().st_mode & 0o777 == 0o600

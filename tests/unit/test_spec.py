@@ -130,3 +130,9 @@ def test_missing_file_says_how_to_create_one(tmp_path):
     with pytest.raises(SpecError) as e:
         load_spec(tmp_path / "nope.yaml")
     assert "haflow init" in e.value.message
+
+
+def test_task_heartbeat_timeout_must_outlast_a_failover():
+    assert embedded_default().airflow.task_heartbeat_timeout_s == 60
+    assert any(l.startswith("airflow.task_heartbeat_timeout_s:") and "at least 45" in l
+               for l in problems(lambda d: d["airflow"].update(task_heartbeat_timeout_s=20)))

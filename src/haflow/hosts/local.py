@@ -373,12 +373,12 @@ class LocalHost:
         ref = self.service_proc(node, service)
         if ref is None:
             raise HaflowError(f"{node}: {service} is not running")
-        refs = [ref, *ref.descendants()]
-        ref.kill_group(signal.SIGKILL)
-        for r in refs:
-            r.send(signal.SIGKILL)
-        wait_gone(refs, 10)
-        return refs
+        return _kill_tree(ref)
+
+    def kill_postmaster(self, node: str) -> list[ProcRef]:
+        """A crash of PostgreSQL: SIGKILL the postmaster's process group and every backend."""
+        pm = self.postmaster(node)
+        return _kill_tree(pm) if pm else []
 
     def kill_node(self, node: str) -> list[ProcRef]:
         """Machine loss: SIGKILL every process of the node at once. Its supervisord dies first, so
@@ -409,6 +409,16 @@ class LocalHost:
 
 
 # --- filesystem helpers ------------------------------------------------------------------------
+
+
+def _kill_tree(ref: ProcRef) -> list[ProcRef]:
+    """SIGKILL a process's group and every descendant (some leave the group); wait until gone."""
+    refs = [ref, *ref.descendants()]
+    ref.kill_group(signal.SIGKILL)
+    for r in refs:
+        r.send(signal.SIGKILL)
+    wait_gone(refs, 10)
+    return refs
 
 
 def _ids(owner: str | None) -> tuple[int, int] | None:

@@ -1,0 +1,134 @@
+"""Benchmark of the failure drills: write RTO, task-flow gap and time to healthy for every
+scenario, `--reps` times each (median and max), on a fresh cluster of its own (127.0.0.51-53).
+
+Writes bench/results/drills.json and the results section of docs/drills.md. Stops every process
+it started, by PID.
+
+    .venv/bin/python bench/bench_drills.py [--reps 5] [--scenarios node-crash,switchover]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from haflow.cluster import HOST, Cluster
+from haflow.drills.runner import DrillOptions, run_drill
+from haflow.drills.scenarios import ALL
+from haflow.spec import default_spec_text, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESSES = ["127.0.0.51", "127.0.0.52", "127.0.0.53"]
+TARGETS = {  # the issue's targets on this machine (field, limit)
+    "node-crash": ("rto_s", 18.0),
+    "db-primary-crash": ("rto_s", 18.0),
+    "switchover": ("write_gap_s", 3.0),
+    "broker-node-crash": ("task_flow_gap_s", 5.0),
+}
+MEASURES = ("rto_s", "write_gap_s", "task_flow_gap_s", "recovered_s")
+
+
+def make_cluster(state: Path) -> Cluster:
+    data = yaml.safe_load(default_spec_text())
+    data["cluster"] = "benchdrill"
+    for node, addr in zip(data["nodes"], ADDRESSES):
+        node["address"] = addr
+    data["ports"]["epmd"] = 4372
+    return Cluster(parse_spec(data), state, say=lambda m: print(f"    {m}", flush=True))
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for m in MEASURES:
+        values = [r[m] for r in runs if r[m] is not None]
+        out[m] = {"median": round(statistics.median(values), 2), "max": round(max(values), 2)} if values else None
+    out["all_ok"] = all(r["ok"] for r in runs)
+    out["acknowledged_writes_lost"] = sum(r["acknowledged_writes_lost"] for r in runs)
+    out["dag_runs_failed"] = sum(r["dag_runs_failed"] for r in runs)
+    out["tasks_never_executed"] = sum(r["tasks_never_executed"] for r in runs)
+    out["duplicate_executions"] = sum(r["duplicate_executions"] for r in runs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--scenarios", default=",".join(ALL))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/drills.json")
+    args = ap.parse_args()
+    names = args.scenarios.split(",")
+
+    root = Path(tempfile.mkdtemp(prefix="haflow-benchdrill-", dir="/var/tmp"))
+    root.chmod(0o755)
+    cluster = make_cluster(root / ".haflow")
+    results: dict = {"runs": {n: [] for n in names}}
+    try:
+        cluster.ensure_prerequisites()
+        cluster.up(smoke=True)
+        for rep in range(args.reps):
+            for name in names:
+                print(f"{name} {rep + 1}/{args.reps}", flush=True)
+                r = run_drill(cluster, name, DrillOptions(), say=lambda m: print(f"    {m}", flush=True))
+                print(f"    ok={r['ok']} rto={r['rto_s']} gap={r['write_gap_s']} flow={r['task_flow_gap_s']} "
+                      f"healthy={r['recovered_s']} {r['violations']}", flush=True)
+                results["runs"][name].append(r)
+    finally:
+        cluster.down()
+        for n in [HOST, *cluster.facts.node_names]:
+            cluster.host.kill_node(n)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+
+    results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
+    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
+                       "loop_wait": cluster.spec.database.loop_wait, "ttl": cluster.spec.database.ttl}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(results)
+    print(json.dumps(results["summary"], indent=2))
+
+
+def write_section(r: dict) -> None:
+    m = r["meta"]
+    lines = [
+        "## Latest results on this machine",
+        "",
+        f"Measured by `bench/bench_drills.py` on {m['date']}: each scenario {m['reps']} times on a fresh default",
+        f"cluster (ttl {m['ttl']}, loop_wait {m['loop_wait']}); raw data with every timeline in `bench/results/drills.json`.",
+        "",
+        "| scenario | write RTO median / max | write gap median / max | task-flow gap median / max | healthy after median / max | invariants (lost writes, failed runs, never executed) | duplicates | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in r["summary"].items():
+        def mm(k: str) -> str:
+            return f"{s[k]['median']} / {s[k]['max']} s" if s[k] else "-"
+        target = ""
+        if name in TARGETS:
+            field, limit = TARGETS[name]
+            got = s[field]["median"] if s[field] else None
+            target = f"{field.replace('_s', '').replace('_', ' ')} <= {limit} s: " + ("met" if got is not None and got <= limit else "**missed**")
+        elif name in ("scheduler-crash", "api-server-crash"):
+            target = "no failed task: " + ("met" if s["dag_runs_failed"] == 0 and s["tasks_never_executed"] == 0 else "**missed**")
+        inv = "all kept" if s["all_ok"] else "**broken**"
+        lines.append(f"| {name} | {mm('rto_s')} | {mm('write_gap_s')} | {mm('task_flow_gap_s')} | {mm('recovered_s')} | "
+                     f"{inv} ({s['acknowledged_writes_lost']}, {s['dag_runs_failed']}, {s['tasks_never_executed']}) | "
+                     f"{s['duplicate_executions']} | {target} |")
+    lines.append("")
+    path = ROOT / "docs/drills.md"
+    text = path.read_text()
+    marker = "## Latest results on this machine"
+    head, _, tail = text.partition(marker)
+    rest = tail.split("\n## ", 1)
+    after = "\n## " + rest[1] if len(rest) > 1 else ""
+    path.write_text(head.rstrip() + "\n\n" + "\n".join(lines) + after)
+
+
+if __name__ == "__main__":
+    main()

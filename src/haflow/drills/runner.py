@@ -1,0 +1,260 @@
+"""One drill: load on, fault, recovery, load off, then the measurements and the invariants.
+
+    healthy? -> writer + canary DAG + observer on -> warm-up -> FAULT -> (victim back) ->
+    healthy again -> cool-down -> load off -> every canary run finished -> verdict
+
+Measurements: write RTO (first failed to first successful commit after the fault), the longest
+write gap, the task-flow gap (longest time no canary task started or finished), the time until
+the cluster was healthy again. Invariants: no acknowledged write lost, no canary DAG run failed
+or left unfinished, every task instance executed, the cluster healthy again; duplicate task
+executions are counted, not failed (Celery redelivery causes them), as long as every run
+succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from haflow import status
+from haflow.cluster import Cluster
+from haflow.components import airflow
+from haflow.drills import canary
+from haflow.drills.monitor import Monitor, Timeline
+from haflow.drills.scenarios import SCENARIOS, Fault, Scenario
+from haflow.drills.writer import Writer, lost_writes
+from haflow.errors import ClusterUnhealthy, UserError
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class DrillOptions:
+    node: str | None = None  # the victim; default: where the scenario hurts most
+    hold_s: float = 20.0  # node-crash: how long the node stays down before it is brought back
+    warmup_s: float = 8.0  # load before the fault
+    cooldown_s: float = 5.0  # load after the cluster is healthy again
+    healthy_timeout_s: float = 180.0  # the cluster must be healthy before a drill, within this
+    recover_timeout_s: float = 300.0  # ... and again after the fault, within this
+
+
+def _db(cluster: Cluster) -> psycopg.Connection:
+    """A connection to the Airflow database through the first balancer that answers."""
+    account = cluster.secrets["postgres_airflow"]
+    last: Exception | None = None
+    for n in cluster.facts.nodes:
+        host, port = n.pg_primary.rsplit(":", 1)
+        try:
+            return psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
+                                   dbname=cluster.facts.airflow_db, connect_timeout=3, autocommit=True)
+        except psycopg.OperationalError as e:
+            last = e
+    raise ClusterUnhealthy(f"no balancer routes to the database ({last}); run `haflow status`")
+
+
+def wait_healthy(cluster: Cluster, timeout_s: float, after: float = 0.0) -> tuple[float | None, dict[str, Any]]:
+    """Poll the status until healthy; returns (time it was, last snapshot) or (None, last)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        started = time.time()
+        snap = status.snapshot(cluster)
+        if snap["healthy"] and started >= after:
+            return started, snap
+        if time.monotonic() > deadline:
+            return None, snap
+        time.sleep(1.0)
+
+
+def _wait_canary_dag(cluster: Cluster, timeout_s: float = 90) -> None:
+    client = cluster.api_client()
+    deadline = time.monotonic() + timeout_s
+    while client.get(f"/dags/{canary.DAG_ID}").status_code == 404:
+        if time.monotonic() > deadline:
+            raise ClusterUnhealthy(f"the canary DAG {canary.DAG_ID} is not in the cluster; run `haflow dags push`")
+        time.sleep(2)
+
+
+def _wait_flowing(cluster: Cluster, writer: Writer, prefix: str, timeout_s: float = 120) -> None:
+    """Until the writer has commits and a canary task has finished: the baseline exists."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if writer.log.acknowledged:
+            with _db(cluster) as conn:
+                if canary.executions(conn, prefix):
+                    return
+        time.sleep(1)
+    raise ClusterUnhealthy("no canary task finished within 120 s of load; check the workers (`haflow status`)")
+
+
+def _victim_back(cluster: Cluster, fault: Fault, since: float, timeout_s: float) -> float | None:
+    """When the supervisor restarted the killed service (a new process, not a killed pid) and,
+    for a scheduler, the new one heartbeats (status counts the dead one's last heartbeat as fresh
+    for a while, so a process alone is not "back")."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ref = cluster.host.service_proc(fault.node, fault.service) if fault.service else None
+        if ref is not None and ref.pid not in fault.killed_pids:
+            if fault.service != airflow.SCHEDULER or _new_scheduler_job(cluster, fault.node, since):
+                return time.time()
+        time.sleep(0.2)
+    return None
+
+
+def _new_scheduler_job(cluster: Cluster, node: str, since: float) -> bool:
+    try:
+        with _db(cluster) as conn:
+            row = conn.execute("SELECT 1 FROM job WHERE job_type = 'SchedulerJob' AND state = 'running' AND hostname = %s"
+                               " AND start_date > to_timestamp(%s)", (node, since)).fetchone()
+        return row is not None
+    except (psycopg.Error, ClusterUnhealthy):
+        return False
+
+
+def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say: Say = lambda _: None) -> dict[str, Any]:
+    if name not in SCENARIOS:
+        raise UserError(f"unknown drill {name!r}; choose one of: {', '.join(SCENARIOS)}, all")
+    scenario = SCENARIOS[name]
+    opts = opts or DrillOptions()
+    if opts.node is not None:
+        cluster.facts.node(opts.node)  # unknown node -> UserError naming the known ones
+
+    down = [n for n in cluster.facts.node_names if not cluster.host.node_up(n)]
+    if down:
+        raise ClusterUnhealthy(f"{', '.join(down)} {'is' if len(down) == 1 else 'are'} down, no drill on a broken cluster; run `haflow up` first")
+    say(f"[{name}] waiting for a healthy cluster")
+    healthy_at, snap = wait_healthy(cluster, opts.healthy_timeout_s)
+    if healthy_at is None:
+        raise ClusterUnhealthy(f"the cluster is not healthy, no drill on it: {'; '.join(status.problems(snap)) or 'see `haflow status`'}")
+    _wait_canary_dag(cluster)
+
+    prefix = f"drill-{name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(2).hex()}"
+    account = cluster.secrets["postgres_airflow"]
+    endpoints = cluster.facts.pg_primary_endpoints
+    writer = Writer(endpoints, account.username, account.password, cluster.facts.airflow_db, run_id=int(time.time()))
+    writer.ensure_table()
+    with _db(cluster) as conn:
+        canary.ensure_table(conn)
+    load = canary.CanaryLoad([f"http://{n.api_balancer}" for n in cluster.facts.nodes],
+                             lambda url: airflow.ApiClient(url, cluster.secrets), prefix)
+    timeline = Timeline()
+    monitor = Monitor(cluster, timeline, broker=scenario.watch_broker)
+    monitor.prime()
+    say(f"[{name}] load on: a write every 50 ms, a canary DAG run every 1.5 s")
+    writer.start()
+    load.start()
+    monitor.start()
+    fault: Fault | None = None
+    t0 = back_at = healthy_at = None
+    try:
+        _wait_flowing(cluster, writer, prefix)
+        time.sleep(opts.warmup_s)
+        victim = opts.node or scenario.pick(cluster)
+        say(f"[{name}] fault on {victim}")
+        t0 = time.time()
+        fault = scenario.strike(cluster, victim)
+        timeline.add(f"fault: {fault.what}", t0)
+        back_at = _bring_back(cluster, fault, t0, opts, timeline, say, name)
+        say(f"[{name}] waiting for the cluster to be healthy again")
+        healthy_at, snap = wait_healthy(cluster, opts.recover_timeout_s, after=back_at or t0)
+        if healthy_at is not None:
+            timeline.add("cluster healthy again", healthy_at)
+        time.sleep(opts.cooldown_s)
+    finally:
+        load_end = time.time()
+        load.stop()
+        wlog = writer.stop()
+        monitor.stop()
+        if fault is not None and fault.held_down and back_at is None:
+            say(f"[{name}] {fault.node} is still down: `haflow up` brings it back")
+    say(f"[{name}] load off; waiting for every canary run to finish")
+    af = cluster.spec.airflow
+    drain_s = af.task_heartbeat_timeout_s + af.task_queued_timeout_s + 120
+    states = canary.wait_runs_finished(lambda: _db(cluster), prefix, drain_s)
+    with _db(cluster) as conn:
+        rows = canary.executions(conn, prefix)
+        tis = canary.task_instances(conn, prefix)
+        lost = lost_writes(wlog, endpoints_up(cluster), account.username, account.password, cluster.facts.airflow_db)
+    return _report(name, scenario, fault, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis, lost,
+                   timeline, status.problems(snap) if healthy_at is None else [])
+
+
+def endpoints_up(cluster: Cluster) -> str:
+    for n in cluster.facts.nodes:
+        if cluster.host.node_up(n.name):
+            return n.pg_primary
+    return cluster.facts.nodes[0].pg_primary
+
+
+def _bring_back(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions, timeline: Timeline, say: Say,
+                name: str) -> float | None:
+    if fault.held_down:
+        say(f"[{name}] {fault.node} stays down for {opts.hold_s:.0f} s")
+        time.sleep(opts.hold_s)
+        timeline.add(f"bringing {fault.node} back (`haflow up`)")
+        cluster.up(smoke=False)
+        back = time.time()
+        timeline.add(f"{fault.node} back: `haflow up` returned", back)
+        return back
+    if fault.service:
+        back = _victim_back(cluster, fault, since, opts.recover_timeout_s)
+        if back is not None:
+            timeline.add(f"{fault.service} on {fault.node} restarted by its supervisor", back)
+        return back
+    return time.time()
+
+
+def _report(name: str, scenario: Scenario, fault: Fault | None, t0: float | None, back_at: float | None,
+            healthy_at: float | None, load_end: float, wlog: Any, tlog: canary.TriggerLog, states: dict[str, str],
+            rows: list[dict[str, Any]], tis: list[Any], lost: list[int], timeline: Timeline,
+            unhealthy_why: list[str]) -> dict[str, Any]:
+    t0 = t0 or load_end
+    errors = [t for t, _ in wlog.errors if t >= t0]
+    rto = None
+    if errors:
+        resumed = wlog.first_ack_after(errors[-1])
+        rto = round(resumed - errors[0], 2) if resumed else None
+        timeline.add("first failed write", errors[0])
+        if resumed:
+            timeline.add("writes resumed (first commit after the last failed one)", resumed)
+    write_gap, _ = canary.longest_gap(wlog.ack_times, t0 - 0.1, load_end)
+    task_events = [e for r in rows for e in (r["started"], r["finished"])]
+    flow_gap, gap_at = canary.longest_gap(task_events, t0, load_end)
+    if flow_gap > 0:
+        timeline.add(f"task flow resumed after a {flow_gap:.1f} s gap", gap_at + flow_gap)
+    v = canary.verdict(states, rows, tis)
+    violations = []
+    if lost:
+        violations.append(f"{len(lost)} acknowledged writes lost")
+    if v["dag_runs_failed"]:
+        violations.append(f"{v['dag_runs_failed']} canary DAG runs failed")
+    if v["dag_runs_unfinished"]:
+        violations.append(f"{v['dag_runs_unfinished']} canary DAG runs did not finish")
+    if v["tasks_never_executed"]:
+        violations.append(f"{v['tasks_never_executed']} task instances never executed")
+    if healthy_at is None:
+        violations.append("the cluster did not become healthy again: " + ("; ".join(unhealthy_why) or "see `haflow status`"))
+    if errors and rto is None:
+        violations.append("writes did not resume")
+    return {
+        "scenario": name,
+        "summary": scenario.summary,
+        "ok": not violations,
+        "violations": violations,
+        "node": fault.node if fault else None,
+        "rto_s": 0.0 if not errors else rto,
+        "write_gap_s": round(write_gap, 2),
+        "task_flow_gap_s": round(flow_gap, 2),
+        "victim_back_s": round(back_at - t0, 2) if back_at else None,
+        "recovered_s": round(healthy_at - t0, 2) if healthy_at else None,
+        "acknowledged_writes": len(wlog.acknowledged),
+        "acknowledged_writes_lost": len(lost),
+        "writes_in_doubt": len(wlog.in_doubt),
+        "dag_runs_triggered": len(tlog.triggered),
+        **v,
+        "timeline": [{"t_s": round(t - t0, 2), "event": what} for t, what in sorted(timeline.events)],
+    }

@@ -1,0 +1,127 @@
+"""The faults a drill injects: each is a real SIGKILL (or, for `switchover`, the planned
+operation), chosen on the node where it hurts most unless `--node` says otherwise.
+
+A scenario picks its victim (`pick`) and strikes (`strike`); the strike returns a `Fault`
+telling the runner what came back by itself and what must be brought back (a crashed node
+stays down until `haflow up`, as a dead machine would).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from haflow.cluster import Cluster
+from haflow.components import airflow, etcd, patroni, rabbitmq
+from haflow.errors import ClusterUnhealthy
+
+
+@dataclass
+class Fault:
+    node: str
+    what: str  # one line for the timeline, e.g. "SIGKILL Patroni and PostgreSQL on node1"
+    service: str | None = None  # the service whose supervisor restarts it (None: node held down)
+    killed_pids: tuple[int, ...] = ()
+    held_down: bool = False  # the node stays down until the runner brings it back
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    pick: Callable[[Cluster], str]  # the default victim node
+    strike: Callable[[Cluster, str], Fault]
+    watch_broker: bool = False
+
+
+def _primary(cluster: Cluster) -> str:
+    leader = patroni.probe(cluster.facts)["leader"]
+    if leader is None:
+        raise ClusterUnhealthy("no database primary to strike; run `haflow status`")
+    return leader
+
+
+def _etcd_leader(cluster: Cluster) -> str:
+    leader = etcd.leader_name(cluster.facts)
+    if leader is None:
+        raise ClusterUnhealthy("etcd has no leader; run `haflow status`")
+    return leader
+
+
+def _queue_leader(cluster: Cluster) -> str:
+    queues = rabbitmq.probe(cluster.facts, cluster.secrets)["quorum_queues"]
+    leader = next((q["leader"] for q in queues if q["name"] == airflow.QUEUE), None)
+    if leader is None:
+        raise ClusterUnhealthy(f"the broker's {airflow.QUEUE!r} queue has no leader; run `haflow status`")
+    return leader
+
+
+def _busiest_worker(cluster: Cluster) -> str:
+    """The node whose worker runs the most task instances right now (waits up to 30 s for one)."""
+    import time
+
+    account = cluster.secrets["postgres_airflow"]
+    deadline = time.monotonic() + 30
+    while True:
+        for n in cluster.facts.nodes:
+            try:
+                host, port = n.pg_primary.rsplit(":", 1)
+                with psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
+                                     dbname=cluster.facts.airflow_db, connect_timeout=3) as conn:
+                    row = conn.execute("SELECT hostname FROM task_instance WHERE state = 'running' AND hostname <> ''"
+                                       " GROUP BY hostname ORDER BY count(*) DESC LIMIT 1").fetchone()
+                if row and row[0] in cluster.facts.node_names:
+                    return row[0]
+                break
+            except psycopg.OperationalError:
+                continue
+        if time.monotonic() > deadline:
+            raise ClusterUnhealthy("no task is running on any worker; is the canary DAG being scheduled?")
+        time.sleep(0.3)
+
+
+def _first_node(cluster: Cluster) -> str:
+    return cluster.facts.node_names[0]
+
+
+def _kill(service: str, label: str) -> Callable[[Cluster, str], Fault]:
+    def strike(cluster: Cluster, node: str) -> Fault:
+        refs = cluster.kill_service(node, service)
+        return Fault(node, f"SIGKILL {label} on {node}", service=service, killed_pids=tuple(r.pid for r in refs))
+    return strike
+
+
+def _crash_database(cluster: Cluster, node: str) -> Fault:
+    refs = cluster.crash_database(node)
+    return Fault(node, f"SIGKILL Patroni and PostgreSQL on {node}", service=patroni.NAME,
+                 killed_pids=tuple(r.pid for r in refs))
+
+
+def _crash_node(cluster: Cluster, node: str) -> Fault:
+    refs = cluster.kill_node(node)
+    return Fault(node, f"SIGKILL every process of {node} ({len(refs)}), held down", killed_pids=tuple(r.pid for r in refs),
+                 held_down=True)
+
+
+def _switchover(cluster: Cluster, node: str) -> Fault:
+    """`node` is the primary (the default) or, given with --node, the node to switch to."""
+    result = cluster.switchover(to=None if node == _primary(cluster) else node)
+    return Fault(result["from"], f"planned switchover {result['from']} -> {result['to']} done in {result['elapsed_s']} s")
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("db-primary-crash", "the primary's Patroni and PostgreSQL die; the node stays up", _primary, _crash_database),
+    Scenario("node-crash", "every process of the primary's node dies and stays down, then the node is brought back",
+             _primary, _crash_node, watch_broker=True),
+    Scenario("broker-node-crash", "the RabbitMQ node leading the task queue dies", _queue_leader,
+             _kill(rabbitmq.NAME, "RabbitMQ"), watch_broker=True),
+    Scenario("scheduler-crash", "one scheduler dies", _first_node, _kill(airflow.SCHEDULER, "the scheduler")),
+    Scenario("api-server-crash", "one api-server dies", _first_node, _kill(airflow.API, "the api-server")),
+    Scenario("worker-crash", "the Celery worker running the most tasks dies with them", _busiest_worker,
+             _kill(airflow.WORKER, "the Celery worker and its running tasks")),
+    Scenario("etcd-leader-crash", "the etcd member leading the DCS dies", _etcd_leader, _kill(etcd.NAME, "etcd")),
+    Scenario("switchover", "a planned primary change through Patroni", _primary, _switchover),
+]}
+ALL = list(SCENARIOS)

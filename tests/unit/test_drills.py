@@ -1,0 +1,89 @@
+"""The drill's bookkeeping: gaps, the task invariants, the DAG bundle and the CLI's bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from haflow.components import airflow
+from haflow.drills import canary
+from haflow.drills.scenarios import ALL, SCENARIOS
+
+HAFLOW = [sys.executable, "-m", "haflow.cli"]
+
+
+def test_longest_gap_counts_the_window_edges():
+    assert canary.longest_gap([], 10.0, 15.0) == (5.0, 10.0)
+    assert canary.longest_gap([11.0, 12.0, 14.5], 10.0, 15.0) == (2.5, 12.0)
+    # events outside the window do not shorten a gap inside it
+    assert canary.longest_gap([1.0, 20.0], 10.0, 12.0) == (2.0, 10.0)
+
+
+def _row(run, idx, attempt=1):
+    return {"run_id": run, "task_id": "probe", "map_index": idx, "try_number": attempt, "node": "node1",
+            "started": 1.0, "finished": 2.0}
+
+
+def test_verdict_all_good():
+    states = {"r1": "success", "r2": "success"}
+    rows = [_row(r, i) for r in states for i in range(canary.TASKS_PER_RUN)]
+    v = canary.verdict(states, rows, [])
+    assert v == {"dag_runs": 2, "dag_runs_failed": 0, "dag_runs_unfinished": 0, "task_instances": 6,
+                 "task_executions": 6, "tasks_never_executed": 0, "duplicate_executions": 0}
+
+
+def test_verdict_counts_failures_missing_and_duplicates():
+    states = {"r1": "success", "r2": "failed", "r3": "running"}
+    rows = [_row("r1", 0), _row("r1", 0, 2), _row("r1", 1), _row("r1", 2), _row("r2", 0)]
+    v = canary.verdict(states, rows, [("r1", "probe", 0, "success")])
+    assert v["dag_runs_failed"] == 1 and v["dag_runs_unfinished"] == 1
+    assert v["duplicate_executions"] == 1
+    assert v["tasks_never_executed"] == 2 + 3  # r2 misses 1 and 2, r3 never ran
+    assert v["task_instances"] == 9
+
+
+def test_every_scenario_of_the_issue_exists():
+    assert ALL == ["db-primary-crash", "node-crash", "broker-node-crash", "scheduler-crash", "api-server-crash",
+                   "worker-crash", "etcd-leader-crash", "switchover"]
+    assert all(SCENARIOS[n].summary for n in ALL)
+
+
+def test_canary_dag_ships_with_the_examples_and_matches_the_runner():
+    text = airflow.canary_dag_source().read_text()
+    assert f'dag_id="{canary.DAG_ID}"' in text
+    assert f"TABLE = \"{canary.TABLE}\"" in text and f"TASKS = {canary.TASKS_PER_RUN}" in text
+
+
+def test_bundle_checksum_with_extras_equals_the_staged_copy(tmp_path):
+    src = tmp_path / "dags"
+    src.mkdir()
+    (src / "mine.py").write_text("x = 1\n")
+    extras = airflow.bundle_extras(src)
+    assert list(extras) == [airflow.CANARY_DAG_FILE]
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "mine.py").write_text("x = 1\n")
+    (staged / airflow.CANARY_DAG_FILE).write_bytes(airflow.canary_dag_source().read_bytes())
+    assert airflow.folder_checksum(src, extras) == airflow.folder_checksum(staged)
+    assert airflow.bundle_extras(staged) == {}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["drill", "no-such-drill"], "Invalid value for 'SCENARIO'"),
+    (["drill", "node-crash", "--node", "nodeX"], "nodeX"),
+    (["drill", "all", "--repeat", "0"], "--repeat"),
+])
+def test_drill_bad_input_exits_2(tmp_path, args, needle):
+    r = subprocess.run([*HAFLOW, *args, "--state-dir", str(tmp_path / "state")], capture_output=True, text=True)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_drill_on_a_stopped_cluster_exits_1_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAFLOW_ADDRESSES", "127.0.0.94,127.0.0.95,127.0.0.96")  # nothing runs there
+    r = subprocess.run([*HAFLOW, "drill", "scheduler-crash", "--state-dir", str(tmp_path / "state")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: node1, node2, node3 are down") and "haflow up" in lines[-1]
