@@ -107,10 +107,7 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, s
         "RABBITMQ_MNESIA_BASE": str(h / "mnesia"),
         "RABBITMQ_LOG_BASE": str(layout.logs / "rabbitmq"),
         "RABBITMQ_PID_FILE": str(layout.run / "rabbitmq.pid"),
-        # No scheduler busy-waiting: three Erlang VMs spinning on a small shared machine take CPU
-        # the Airflow processes need (measured in docs/benchmarks.md).
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": f"-kernel inet_dist_use_interface {{{octets}}} "
-                                               "+sbwt none +sbwtdcpu none +sbwtdio none",
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": f"-kernel inet_dist_use_interface {{{octets}}}",
     }
 
 
