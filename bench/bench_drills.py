@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--scenarios", default=",".join(ALL))
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/drills.json")
+    ap.add_argument("--append", action="store_true", help="add these repetitions to the runs already in --out")
     args = ap.parse_args()
     names = args.scenarios.split(",")
 
@@ -69,6 +70,10 @@ def main() -> None:
     root.chmod(0o755)
     cluster = make_cluster(root / ".haflow")
     results: dict = {"runs": {n: [] for n in names}}
+    earlier = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
+    if earlier:  # earlier repetitions (on their own fresh cluster) count too
+        for n in names:
+            results["runs"][n] = earlier["runs"].get(n, [])
     try:
         cluster.ensure_prerequisites()
         cluster.up(smoke=True)
@@ -87,7 +92,9 @@ def main() -> None:
         shutil.rmtree(cluster.host.run_base, ignore_errors=True)
 
     results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
-    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
+    reps = min(len(runs) for runs in results["runs"].values())
+    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": reps,
+                       "sessions": (earlier["meta"].get("sessions", 1) + 1) if earlier else 1,
                        "loop_wait": cluster.spec.database.loop_wait, "ttl": cluster.spec.database.ttl}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -100,8 +107,9 @@ def write_section(r: dict) -> None:
     lines = [
         "## Latest results on this machine",
         "",
-        f"Measured by `bench/bench_drills.py` on {m['date']}: each scenario {m['reps']} times on a fresh default",
-        f"cluster (ttl {m['ttl']}, loop_wait {m['loop_wait']}); raw data with every timeline in `bench/results/drills.json`.",
+        f"Measured by `bench/bench_drills.py` (last on {m['date']}): each scenario {m['reps']} times on a fresh default",
+        f"cluster (ttl {m['ttl']}, loop_wait {m['loop_wait']}; {m.get('sessions', 1)} benchmark run(s), each on its own fresh",
+        "cluster); raw data with every timeline in `bench/results/drills.json`.",
         "",
         "| scenario | write RTO median / max | write gap median / max | task-flow gap median / max | healthy after median / max | invariants (lost writes, failed runs, never executed) | duplicates | target |",
         "|---|---|---|---|---|---|---|---|",
