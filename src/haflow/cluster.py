@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+import psycopg
 
 from haflow import prereqs
 from haflow.components import airflow, etcd, haproxy, patroni, postgres, rabbitmq
@@ -250,13 +251,22 @@ class Cluster:
         return {"source": str(source) if source else None, "source_checksum": want, "nodes": nodes,
                 "agree": len(sums) == 1 and None not in sums, "current": sums == {want}}
 
+    def live_pg_endpoint(self) -> str:
+        """The primary port of the first node that is up (its balancer answers)."""
+        return next((n.pg_primary for n in self.facts.nodes if self.host.node_up(n.name)), self.facts.nodes[0].pg_primary)
+
+    def connect_airflow_db(self) -> psycopg.Connection:
+        """The Airflow database through the first balancer that answers (ClusterUnhealthy if none)."""
+        last: Exception | None = None
+        for n in self.facts.nodes:
+            try:
+                return postgres.connect_airflow(self.facts, self.secrets, n.pg_primary)
+            except psycopg.OperationalError as e:
+                last = e
+        raise ClusterUnhealthy(f"no balancer routes to the database ({last}); run `haflow status`")
+
     def airflow_probe(self) -> dict[str, Any]:
-        endpoint = self.facts.nodes[0].pg_primary
-        for n in self.facts.nodes:  # read the jobs through a balancer that answers
-            if self.host.node_up(n.name):
-                endpoint = n.pg_primary
-                break
-        return airflow.probe(self.facts, self.secrets, self.dags_status(), endpoint)
+        return airflow.probe(self.facts, self.secrets, self.dags_status(), self.live_pg_endpoint())
 
     def api_client(self) -> airflow.ApiClient:
         last: Exception | None = None
@@ -427,9 +437,7 @@ class Cluster:
         """Patroni and PostgreSQL of a node die together (Patroni double-forks PostgreSQL, so
         killing Patroni alone would leave it running); the supervisor restarts Patroni."""
         self.facts.node(node)
-        postmaster = self.host.postmaster(node)
-        killed = self.host.kill_service(node, patroni.NAME)
-        return killed + (self.host.kill_postmaster(node) if postmaster else [])
+        return self.host.kill_service(node, patroni.NAME) + self.host.kill_postmaster(node)
 
 
 def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:

@@ -106,14 +106,14 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         # A task queued on a worker that died with its broker connection is failed and retried
         # after this, instead of staying queued forever (apache/airflow#30375).
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(af.task_queued_timeout_s),
+        # A task whose worker died keeps its "running" state until its heartbeat is this old
+        # (default 300 s); then it is failed and retried.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(af.task_heartbeat_timeout_s),
         # The task supervisor notices its task process's exit only between select() waits of
         # this length: when the process's sockets close before it has exited, a finished task
         # holds its slot for the whole wait (a third of the no-op tasks took 5.1 s instead of
         # 0.1 s at the default 5). 1 s bounds that and costs one heartbeat per running task per
         # second (docs/benchmarks.md).
-        # A task whose worker died keeps its "running" state until its heartbeat is this old
-        # (default 300 s); then it is failed and retried.
-        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(af.task_heartbeat_timeout_s),
         "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": str(MIN_HEARTBEAT_INTERVAL_S),
         "AIRFLOW__CELERY__BROKER_URL": f"amqp://{mq.username}:{mq.password}@{node.amqp_balancer}/airflow",
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{sql}",
@@ -219,11 +219,10 @@ def layer_jobs(facts: ClusterFacts, secrets: Secrets, endpoint: str) -> list[dic
     (each job's hostname is its node's name, see data/haflow_airflow.py)."""
     import psycopg
 
-    host, port = endpoint.rsplit(":", 1)
-    account = secrets["postgres_airflow"]
+    from haflow.components import postgres
+
     try:
-        with psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
-                             dbname=facts.airflow_db, connect_timeout=3) as conn:
+        with postgres.connect_airflow(facts, secrets, endpoint) as conn:
             rows = conn.execute(
                 "SELECT job_type, hostname, extract(epoch FROM now() - latest_heartbeat) FROM job "
                 "WHERE state = 'running' AND job_type IN ('SchedulerJob', 'TriggererJob', 'DagProcessorJob')"

@@ -22,12 +22,17 @@ def connect(endpoint: str, secrets: Secrets, dbname: str = "postgres", timeout: 
     )
 
 
-def _airflow_login_works(facts: ClusterFacts, secrets: Secrets, endpoint: str) -> bool:
+def connect_airflow(facts: ClusterFacts, secrets: Secrets, endpoint: str, timeout: int = 3) -> psycopg.Connection:
+    """The Airflow database as the airflow account (what Airflow itself and the drills use)."""
     host, port = endpoint.rsplit(":", 1)
     account = secrets["postgres_airflow"]
+    return psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
+                           dbname=facts.airflow_db, connect_timeout=timeout, autocommit=True)
+
+
+def _airflow_login_works(facts: ClusterFacts, secrets: Secrets, endpoint: str) -> bool:
     try:
-        with psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
-                             dbname=facts.airflow_db, connect_timeout=3):
+        with connect_airflow(facts, secrets, endpoint):
             return True
     except psycopg.OperationalError:
         return False

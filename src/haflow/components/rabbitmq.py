@@ -157,6 +157,11 @@ def _api(node: NodeFacts, secrets: Secrets, path: str, timeout: float = 3.0) -> 
         return None
 
 
+def queue_leader(facts: ClusterFacts, secrets: Secrets, name: str) -> str | None:
+    """The node whose RabbitMQ leads the quorum queue `name`, None if none answers."""
+    return next((q["leader"] for q in probe(facts, secrets)["quorum_queues"] if q["name"] == name), None)
+
+
 def probe(facts: ClusterFacts, secrets: Secrets) -> dict[str, Any]:
     """Layer status: members with `node`, `running`, `alarms`, `partitions`; quorum queues with
     their leader and member count."""

@@ -22,9 +22,6 @@ class Timeline:
         with self.lock:
             self.events.append((time.time() if at is None else at, what))
 
-    def first(self, prefix: str, after: float = 0.0) -> float | None:
-        return next((t for t, w in sorted(self.events) if w.startswith(prefix) and t >= after), None)
-
 
 def _routes(cluster: Cluster) -> str | None:
     """The one node every answering balancer routes the primary port to, or None if they differ."""
@@ -37,11 +34,6 @@ def _routes(cluster: Cluster) -> str | None:
     return targets.pop() if len(targets) == 1 else None
 
 
-def _queue_leader(cluster: Cluster) -> str | None:
-    queues = rabbitmq.probe(cluster.facts, cluster.secrets)["quorum_queues"]
-    return next((q["leader"] for q in queues if q["name"] == airflow.QUEUE), None)
-
-
 class Monitor(threading.Thread):
     """Records changes of each watched value; `watches` maps a label to a probe."""
 
@@ -51,12 +43,12 @@ class Monitor(threading.Thread):
         self.interval_s = interval_s
         facts = cluster.facts
         self.watches: dict[str, Callable[[], str | None]] = {
-            "database primary": lambda: (patroni.probe(facts) or {}).get("leader"),
+            "database primary": lambda: patroni.probe(facts)["leader"],
             "etcd leader": lambda: etcd.leader_name(facts, timeout=1.0),
             "balancers route writes to": lambda: _routes(cluster),
         }
         if broker:
-            self.watches["broker queue leader"] = lambda: _queue_leader(cluster)
+            self.watches["broker queue leader"] = lambda: rabbitmq.queue_leader(facts, cluster.secrets, airflow.QUEUE)
         self.values: dict[str, str | None] = {}
         self._stopping = threading.Event()
 

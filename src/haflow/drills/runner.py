@@ -43,20 +43,6 @@ class DrillOptions:
     recover_timeout_s: float = 300.0  # ... and again after the fault, within this
 
 
-def _db(cluster: Cluster) -> psycopg.Connection:
-    """A connection to the Airflow database through the first balancer that answers."""
-    account = cluster.secrets["postgres_airflow"]
-    last: Exception | None = None
-    for n in cluster.facts.nodes:
-        host, port = n.pg_primary.rsplit(":", 1)
-        try:
-            return psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
-                                   dbname=cluster.facts.airflow_db, connect_timeout=3, autocommit=True)
-        except psycopg.OperationalError as e:
-            last = e
-    raise ClusterUnhealthy(f"no balancer routes to the database ({last}); run `haflow status`")
-
-
 def wait_healthy(cluster: Cluster, timeout_s: float, after: float = 0.0) -> tuple[float | None, dict[str, Any]]:
     """Poll the status until healthy; returns (time it was, last snapshot) or (None, last)."""
     deadline = time.monotonic() + timeout_s
@@ -84,7 +70,7 @@ def _wait_flowing(cluster: Cluster, writer: Writer, prefix: str, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if writer.log.acknowledged:
-            with _db(cluster) as conn:
+            with cluster.connect_airflow_db() as conn:
                 if canary.executions(conn, prefix):
                     return
         time.sleep(1)
@@ -107,7 +93,7 @@ def _victim_back(cluster: Cluster, fault: Fault, since: float, timeout_s: float)
 
 def _new_scheduler_job(cluster: Cluster, node: str, since: float) -> bool:
     try:
-        with _db(cluster) as conn:
+        with cluster.connect_airflow_db() as conn:
             row = conn.execute("SELECT 1 FROM job WHERE job_type = 'SchedulerJob' AND state = 'running' AND hostname = %s"
                                " AND start_date > to_timestamp(%s)", (node, since)).fetchone()
         return row is not None
@@ -137,7 +123,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     endpoints = cluster.facts.pg_primary_endpoints
     writer = Writer(endpoints, account.username, account.password, cluster.facts.airflow_db, run_id=int(time.time()))
     writer.ensure_table()
-    with _db(cluster) as conn:
+    with cluster.connect_airflow_db() as conn:
         canary.ensure_table(conn)
     load = canary.CanaryLoad([f"http://{n.api_balancer}" for n in cluster.facts.nodes],
                              lambda url: airflow.ApiClient(url, cluster.secrets), prefix)
@@ -174,20 +160,13 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     say(f"[{name}] load off; waiting for every canary run to finish")
     af = cluster.spec.airflow
     drain_s = af.task_heartbeat_timeout_s + af.task_queued_timeout_s + 120
-    states = canary.wait_runs_finished(lambda: _db(cluster), prefix, drain_s)
-    with _db(cluster) as conn:
+    states = canary.wait_runs_finished(cluster.connect_airflow_db, prefix, drain_s)
+    with cluster.connect_airflow_db() as conn:
         rows = canary.executions(conn, prefix)
         tis = canary.task_instances(conn, prefix)
-        lost = lost_writes(wlog, endpoints_up(cluster), account.username, account.password, cluster.facts.airflow_db)
+        lost = lost_writes(wlog, cluster.live_pg_endpoint(), account.username, account.password, cluster.facts.airflow_db)
     return _report(name, scenario, fault, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis, lost,
                    timeline, status.problems(snap) if healthy_at is None else [])
-
-
-def endpoints_up(cluster: Cluster) -> str:
-    for n in cluster.facts.nodes:
-        if cluster.host.node_up(n.name):
-            return n.pg_primary
-    return cluster.facts.nodes[0].pg_primary
 
 
 def _bring_back(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions, timeline: Timeline, say: Say,

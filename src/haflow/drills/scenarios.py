@@ -8,6 +8,7 @@ stays down until `haflow up`, as a dead machine would).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,8 +52,7 @@ def _etcd_leader(cluster: Cluster) -> str:
 
 
 def _queue_leader(cluster: Cluster) -> str:
-    queues = rabbitmq.probe(cluster.facts, cluster.secrets)["quorum_queues"]
-    leader = next((q["leader"] for q in queues if q["name"] == airflow.QUEUE), None)
+    leader = rabbitmq.queue_leader(cluster.facts, cluster.secrets, airflow.QUEUE)
     if leader is None:
         raise ClusterUnhealthy(f"the broker's {airflow.QUEUE!r} queue has no leader; run `haflow status`")
     return leader
@@ -60,23 +60,16 @@ def _queue_leader(cluster: Cluster) -> str:
 
 def _busiest_worker(cluster: Cluster) -> str:
     """The node whose worker runs the most task instances right now (waits up to 30 s for one)."""
-    import time
-
-    account = cluster.secrets["postgres_airflow"]
     deadline = time.monotonic() + 30
     while True:
-        for n in cluster.facts.nodes:
-            try:
-                host, port = n.pg_primary.rsplit(":", 1)
-                with psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
-                                     dbname=cluster.facts.airflow_db, connect_timeout=3) as conn:
-                    row = conn.execute("SELECT hostname FROM task_instance WHERE state = 'running' AND hostname <> ''"
-                                       " GROUP BY hostname ORDER BY count(*) DESC LIMIT 1").fetchone()
-                if row and row[0] in cluster.facts.node_names:
-                    return row[0]
-                break
-            except psycopg.OperationalError:
-                continue
+        try:
+            with cluster.connect_airflow_db() as conn:
+                row = conn.execute("SELECT hostname FROM task_instance WHERE state = 'running' AND hostname <> ''"
+                                   " GROUP BY hostname ORDER BY count(*) DESC LIMIT 1").fetchone()
+            if row and row[0] in cluster.facts.node_names:
+                return row[0]
+        except (ClusterUnhealthy, psycopg.OperationalError):
+            pass
         if time.monotonic() > deadline:
             raise ClusterUnhealthy("no task is running on any worker; is the canary DAG being scheduled?")
         time.sleep(0.3)
