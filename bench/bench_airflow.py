@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from common import save_results
 from haflow.cluster import HOST, Cluster
 from haflow.components import airflow
 from haflow.hosts.local import default_venvs_dir
@@ -270,8 +271,7 @@ def main() -> None:
         results["slots"] = slots
     finally:
         cluster.down()
-        for n in [HOST, *cluster.facts.node_names]:
-            cluster.host.kill_node(n)
+        cluster.kill_all()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(cluster.host.run_base, ignore_errors=True)
 
@@ -291,10 +291,7 @@ def main() -> None:
     results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
                        "startup_measured_on": results.pop("startup_measured_on", None),
                        "airflow": cluster.spec.airflow.version, "worker_concurrency": cluster.spec.airflow.worker_concurrency}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(results)
-    print(json.dumps(results["summary"], indent=2))
+    save_results(results, args.out, write_section)
 
 
 def write_section(r: dict) -> None:

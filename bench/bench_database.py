@@ -15,7 +15,6 @@ Writes bench/results/database.json and docs/benchmarks.md. Runs its own cluster 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from common import save_results
 from haflow.cluster import Cluster
 from haflow.components import etcd, patroni
 from haflow.drills.writer import Writer, lost_writes
@@ -162,8 +162,7 @@ def main() -> None:
         crash_series("node_crash_loop_wait_5", args.reps, 300, colocate=False)
     finally:
         cluster.down()
-        for n in cluster.facts.node_names:
-            cluster.host.kill_node(n)
+        cluster.kill_all()
         shutil.rmtree(state_root, ignore_errors=True)
         shutil.rmtree(cluster.host.run_base, ignore_errors=True)
 
@@ -194,10 +193,7 @@ def main() -> None:
         "timings": {"ttl": 20, "loop_wait": cluster.spec.database.loop_wait, "retry_timeout": 5,
                     "haproxy": "inter 1s fall 2 rise 1"},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results)
-    print(json.dumps(results["summary"], indent=2))
+    save_results(results, args.out, write_table)
 
 
 def write_table(r: dict) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from haflow.cluster import HOST, Cluster
+from common import save_results
+from haflow.cluster import Cluster
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL
 from haflow.spec import default_spec_text, parse_spec
@@ -86,8 +87,7 @@ def main() -> None:
                 results["runs"][name].append(r)
     finally:
         cluster.down()
-        for n in [HOST, *cluster.facts.node_names]:
-            cluster.host.kill_node(n)
+        cluster.kill_all()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(cluster.host.run_base, ignore_errors=True)
 
@@ -96,10 +96,7 @@ def main() -> None:
     results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": reps,
                        "sessions": (earlier["meta"].get("sessions", 1) + 1) if earlier else 1,
                        "loop_wait": cluster.spec.database.loop_wait, "ttl": cluster.spec.database.ttl}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(results)
-    print(json.dumps(results["summary"], indent=2))
+    save_results(results, args.out, write_section)
 
 
 def write_section(r: dict) -> None:

@@ -428,6 +428,11 @@ class Cluster:
         self.facts.node(node)
         return self.host.kill_node(node)
 
+    def kill_all(self) -> list[ProcRef]:
+        """Every process of the cluster on this host dies at once, the machine-wide supervisor
+        (epmd) included: a power cut, or a teardown's last resort after `down`."""
+        return [r for node in [HOST, *self.facts.node_names] for r in self.host.kill_node(node)]
+
     def kill_service(self, node: str, service: str) -> list[ProcRef]:
         """One service of a node dies (SIGKILL); the node's supervisor restarts it."""
         self.facts.node(node)

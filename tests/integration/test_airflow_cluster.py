@@ -53,8 +53,7 @@ def env():
     cluster = Cluster(load_spec(spec_path), root / ".haflow", spec_dir=root)
     yield {"spec": spec_path, "cluster": cluster, "root": root, "dags": dags}
     subprocess.run([*HAFLOW, "down", "-f", str(spec_path)], capture_output=True, timeout=600)
-    for node in ["_host", *cluster.facts.node_names]:
-        cluster.host.kill_node(node)
+    cluster.kill_all()
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(cluster.host.run_base, ignore_errors=True)
 

@@ -7,7 +7,6 @@ order: bring-up, routing, idempotence, losing the leader's node under write load
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -59,8 +58,7 @@ def env():
     yield e
     # Teardown: orderly down; whatever survives is killed by its verified PID, never by name.
     subprocess.run([*HAFLOW, "down", "-f", str(spec_path)], capture_output=True, timeout=300)
-    for node in ["_host", *cluster.facts.node_names]:
-        cluster.host.kill_node(node)
+    cluster.kill_all()
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(cluster.host.run_base, ignore_errors=True)
 
@@ -226,8 +224,7 @@ def test_up_after_a_simulated_reboot_restarts_everything_and_keeps_data(env):
     cluster: Cluster = env["cluster"]
     su = superuser(env)
     before = query(cluster.facts.nodes[0].pg_primary, su, "SELECT count(*) FROM haflow_canary_writes")[0][0]
-    for node in ["_host", *cluster.facts.node_names]:
-        cluster.host.kill_node(node)
+    cluster.kill_all()
     shutil.rmtree(cluster.host.run_base)
     r = haflow(env, "up", "--json")
     assert json.loads(r.stdout)["status"]["healthy"] is True

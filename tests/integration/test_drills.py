@@ -50,8 +50,7 @@ def spec():
     assert r.returncode == 0, r.stderr[-3000:]
     yield path
     subprocess.run([*HAFLOW, "down", "-f", str(path)], capture_output=True, timeout=600)
-    for node in ["_host", *cluster.facts.node_names]:
-        cluster.host.kill_node(node)
+    cluster.kill_all()
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(cluster.host.run_base, ignore_errors=True)
 

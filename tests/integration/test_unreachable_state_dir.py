@@ -43,7 +43,6 @@ def test_up_and_purge_from_a_private_directory():
         assert r.returncode == 0, r.stderr
         assert not real.exists() and not (root / ".haflow").exists()
     finally:
-        for n in ["_host", *cluster.facts.node_names]:
-            cluster.host.kill_node(n)
+        cluster.kill_all()
         cluster.host.purge()
         shutil.rmtree(root, ignore_errors=True)
