@@ -25,8 +25,11 @@ from haflow.cluster import Cluster
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL as SCENARIO_NAMES
 from haflow.errors import HaflowError, UserError
+from haflow.secrets import BREAKS
 from haflow.secrets import FILE_NAME as SECRETS_FILE
-from haflow.spec import default_spec_text, load_spec
+from haflow.fsutil import atomic_write
+from haflow.spec import check_paths, default_spec_text, load_spec
+from haflow.statedir import StateDir
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -71,16 +74,21 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[str], None] | None = None) -> Cluster:
+def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[str], None] | None = None,
+                 regenerate_secrets: bool = False) -> Cluster:
     spec = load_spec(spec_file)
-    return Cluster(spec, resolve_state_dir(spec_file, state_dir), say or (lambda _: None),
-                   spec_dir=spec_file.parent.absolute() if spec_file else None)
+    spec_dir = spec_file.parent.absolute() if spec_file else None
+    state = resolve_state_dir(spec_file, state_dir)
+    check_paths(spec, spec_dir, state)
+    return Cluster(spec, state, say or (lambda _: None), spec_dir=spec_dir,
+                   source=str(spec_file) if spec_file else "the embedded default spec", regenerate_secrets=regenerate_secrets)
 
 
 def locked(cluster: Cluster, command: str) -> contextlib.AbstractContextManager[None]:
     """One mutating command per cluster at a time (`up` may create the state directory)."""
-    if command != "up" and not cluster.state_dir.exists():
-        return contextlib.nullcontext()
+    owned = cluster.state.record() is not None or cluster.state.has_legacy_data() or (cluster.state_dir / lock.LOCK_FILE).exists()
+    if command != "up" and not owned:
+        return contextlib.nullcontext()  # nothing of a cluster there: write no lock file either
     return lock.exclusive(cluster.state_dir, command)
 
 
@@ -110,18 +118,48 @@ def init(path: Path, force: bool) -> None:
     """Write the default spec (commented) to PATH (default: haflow.yaml)."""
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it or choose another path")
-    path.write_text(default_spec_text())
+    atomic_write(path, default_spec_text(), 0o644)
     out.print(f"wrote {path}; edit it, then run `haflow up -f {path}`")
+
+
+@cli.command()
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help='Print {"valid": true|false, "cluster", "problems": [...]}.')
+@handle_errors
+def validate(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Check a spec offline and change nothing: exit 0 if valid, 2 with one line per problem."""
+    try:
+        cluster_name = check_spec(spec_file, resolve_state_dir(spec_file, state_dir))
+    except UserError as e:
+        if not as_json:
+            raise
+        out.print_json(json.dumps({"valid": False, "cluster": None, "problems": [e.message, *e.details]}))
+        sys.exit(2)
+    if as_json:
+        out.print_json(json.dumps({"valid": True, "cluster": cluster_name, "problems": []}))
+    else:
+        out.print(f"{spec_file or 'the embedded default spec'}: valid (cluster {cluster_name})")
+
+
+def check_spec(spec_file: Path | None, state_dir: Path) -> str:
+    """Everything `validate` checks: the spec, the paths it names, and that the state directory
+    (if any) holds this cluster. Reads only."""
+    spec = load_spec(spec_file)
+    check_paths(spec, spec_file.parent.absolute() if spec_file else None, state_dir)
+    StateDir(state_dir).check_owner(spec, str(spec_file) if spec_file else "the embedded default spec")
+    return spec.cluster
 
 
 @cli.command()
 @spec_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result and final status as JSON.")
 @click.option("--smoke/--no-smoke", default=None, help="Run the example DAG at the end (default: when something changed).")
+@click.option("--regenerate-secrets", is_flag=True,
+              help="Replace secrets that are missing from the secrets file with new ones. Breaks: " + "; ".join(BREAKS.values()) + ".")
 @handle_errors
-def up(spec_file: Path | None, state_dir: Path | None, as_json: bool, smoke: bool | None) -> None:
+def up(spec_file: Path | None, state_dir: Path | None, as_json: bool, smoke: bool | None, regenerate_secrets: bool) -> None:
     """Start the cluster (or restart what is missing), wait for health, run the example DAG, show status."""
-    cluster = make_cluster(spec_file, state_dir, Progress())
+    cluster = make_cluster(spec_file, state_dir, Progress(), regenerate_secrets=regenerate_secrets)
     with locked(cluster, "up"):
         result = cluster.up(smoke=smoke)
     snap = status_mod.snapshot(cluster)
@@ -148,6 +186,8 @@ def down(spec_file: Path | None, state_dir: Path | None, purge: bool, yes: bool)
     cluster = make_cluster(spec_file, state_dir, Progress())
     if purge and not yes:
         raise UserError(f"--purge deletes every database, log and secret in {cluster.state_dir}; add --yes to confirm")
+    if purge:
+        cluster.check_purgeable()  # before anything is stopped or written there
     with locked(cluster, "down"):
         result = cluster.down()
         if purge:

@@ -26,8 +26,10 @@ from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
 from haflow.hosts.local import LocalHost
 from haflow.procs import ProcRef, wait_gone
+from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.secrets import Secrets
-from haflow.spec import Spec
+from haflow.spec import Spec, check_paths, dags_folder
+from haflow.statedir import StateDir
 
 Say = Callable[[str], None]
 
@@ -46,24 +48,43 @@ def _quiet(_: str) -> None:
 
 
 class Cluster:
-    def __init__(self, spec: Spec, state_dir: Path, say: Say = _quiet, spec_dir: Path | None = None) -> None:
+    def __init__(self, spec: Spec, state_dir: Path, say: Say = _quiet, spec_dir: Path | None = None,
+                 source: str = "the spec", regenerate_secrets: bool = False) -> None:
         self.spec = spec
         self.spec_dir = spec_dir or Path.cwd()
+        self.source = source  # how errors name the spec (its path, or "the embedded default spec")
         self.facts = ClusterFacts(spec)
         self.state_dir = state_dir
+        self.state = StateDir(state_dir)
+        self.state.check_owner(spec, source)  # before anything reads or touches another cluster's files
         self.host = LocalHost(state_dir, spec.cluster)
         self.say = say
+        self.regenerate_secrets = regenerate_secrets
         self._secrets: Secrets | None = None
         self._services: dict[str, dict[str, Service]] = {}
 
     @property
     def secrets(self) -> Secrets:
+        """The cluster's secrets; an existing cluster whose secrets are gone is an error (exit 2)."""
         if self._secrets is None:
-            self._secrets = Secrets.load_or_create(self.state_dir)
+            rec = self.state.record()
+            self._secrets = Secrets.load(self.state_dir, set(rec.secrets) if rec else set(), self.state.has_cluster_data())
         return self._secrets
+
+    def ensure_secrets(self) -> list[str]:
+        """Generate the secrets never generated for this cluster; record their names."""
+        rec = self.state.record()
+        self._secrets, new = Secrets.ensure(self.state_dir, set(rec.secrets) if rec else set(),
+                                            self.state.has_cluster_data(), self.regenerate_secrets)
+        self.state.record_secrets(self._secrets.names())
+        return [f"generated secrets: {', '.join(new)} (stored 0600 in {self.state_dir / SECRETS_FILE})"] if new else []
 
     def exists(self) -> bool:
         return (self.state_dir / "nodes").is_dir()
+
+    def removed_nodes_running(self) -> list[str]:
+        """Nodes recorded here that left the spec but still run processes."""
+        return [n for n in self.state.removed_nodes(self.spec) if self.host.node_up(n) or self.host.processes(n)]
 
     # --- desired state ------------------------------------------------------------------------
     def desired(self, node: str) -> DesiredState:
@@ -85,7 +106,12 @@ class Cluster:
         t0 = time.monotonic()
         changed: list[str] = []
         self._preflight()  # cheap, and bad input must fail before anything is installed
+        self.state.claim(self.spec, self.source)  # refuses another cluster's directory, records ours
+        changed += self.ensure_secrets()
         changed += self.ensure_prerequisites()
+        for node in self.removed_nodes_running():
+            self.say(f"{node} is no longer in the spec but still runs; `haflow down` stops it")
+            changed.append(f"{node}: not in the spec, still running (left alone; `haflow down` stops it)")
         file_changes = self._apply_all(changed)
         self._up_dcs(file_changes, changed)
         db = self._up_database(file_changes, changed)
@@ -201,11 +227,10 @@ class Cluster:
     # --- DAGs and the Airflow layer -------------------------------------------------------------
     def dags_source(self) -> Path:
         """The spec's DAG folder (relative to the spec file), or the shipped examples."""
-        if self.spec.airflow.dags is None:
+        folder = dags_folder(self.spec, self.spec_dir)
+        if folder is None:
             return Path(str(resources.files("haflow").joinpath("examples", "dags")))
-        folder = (self.spec_dir / self.spec.airflow.dags).resolve()
-        if not folder.is_dir():
-            raise UserError(f"airflow.dags: {folder} is not a directory; point it at your DAG folder")
+        check_paths(self.spec, self.spec_dir, self.state_dir)  # it may have moved since the spec was loaded
         return folder
 
     def dags_bundle(self) -> Path:
@@ -218,7 +243,7 @@ class Cluster:
         staged = self.state_dir / "dags-staged"
         tmp = self.state_dir / ".dags-staged.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(source, tmp, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         for name, path in extras.items():
             shutil.copy2(path, tmp / name)
         shutil.rmtree(staged, ignore_errors=True)
@@ -360,7 +385,11 @@ class Cluster:
         """Orderly stop of every node; data kept. Returns the processes that were stopped."""
         t0 = time.monotonic()
         nodes = self.facts.node_names
-        before = [r for n in [HOST, *nodes] for r in self.host.processes(n)]
+        removed = self.state.removed_nodes(self.spec)
+        before = [r for n in [HOST, *nodes, *removed] for r in self.host.processes(n)]
+        if removed:
+            self.say(f"stopping nodes no longer in the spec: {', '.join(removed)}")
+            self._parallel(self.host.stop_agent, removed)
         self.say("stopping Celery workers (warm: running tasks finish)")
         self._parallel(lambda n: self.host.stop(n, airflow.WORKER), nodes)
         self.say("stopping schedulers, triggerers, dag-processors, api-servers")
@@ -399,9 +428,16 @@ class Cluster:
         with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
             list(pool.map(fn, nodes))
 
+    def check_purgeable(self) -> None:
+        """Purge deletes only a haflow state directory of this very cluster (UserError otherwise)."""
+        self.state.check_purgeable(self.spec, self.source)
+
     def purge(self) -> None:
-        if any(self.host.node_up(n) or self.host.processes(n) for n in [HOST, *self.facts.node_names]):
-            raise UserError("the cluster is still running; run `haflow down` first, then `haflow down --purge --yes`")
+        self.check_purgeable()
+        running = [n for n in [HOST, *self.state.recorded_nodes(self.spec)] if self.host.node_up(n) or self.host.processes(n)]
+        if running:
+            raise UserError(f"the cluster is still running ({', '.join(running)}); run `haflow down` first, "
+                            "then `haflow down --purge --yes`")
         self.host.purge()
 
     # --- planned operations -------------------------------------------------------------------

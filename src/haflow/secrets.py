@@ -1,13 +1,13 @@
 """Cluster secrets: generated once per cluster, stored 0600 in the state directory, reused.
 
-Later layers add their accounts to `ACCOUNTS`; an existing file gains only the missing ones,
-so a password never changes under a running cluster.
+Later layers add their accounts to `ACCOUNTS`; an existing file gains only the ones never
+generated, so a password never changes under a running cluster. A secret that was generated
+once (the state record lists it) and is gone is an error, never silently replaced.
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import secrets as _random
 import string
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from haflow.errors import UserError
+from haflow.fsutil import atomic_write
 
 FILE_NAME = "secrets.yaml"
 
@@ -60,16 +61,6 @@ def _new_password() -> str:
     return _random.token_urlsafe(24)
 
 
-def _write_0600(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 class Secrets:
     def __init__(self, accounts: dict[str, Account], keys: dict[str, str] | None = None) -> None:
         self._accounts = accounts
@@ -92,29 +83,82 @@ class Secrets:
         return {**self.as_dict(), "keys": self.keys_dict()}
 
     @classmethod
-    def load_or_create(cls, state_dir: Path) -> "Secrets":
-        """Load the cluster's secrets, generating (and storing) any that are missing."""
+    def ensure(cls, state_dir: Path, recorded: set[str], has_data: bool, regenerate: bool = False) -> tuple["Secrets", list[str]]:
+        """The cluster's secrets, generating those that were never generated.
+
+        `recorded`: the names the state record says were generated for this cluster; `has_data`:
+        whether the cluster already exists. A secret that was generated but is gone (file
+        deleted, emptied, truncated, damaged) is never silently replaced: that would lock the
+        cluster out of its own databases. Only `regenerate=True` (an explicit flag) does.
+        Returns the secrets and the names newly generated."""
         path = state_dir / FILE_NAME
-        stored, stored_keys = cls._read(path) if path.exists() else ({}, {})
+        stored, stored_keys = cls._read_checked(path, recorded, has_data, regenerate)
         accounts, keys = dict(stored), dict(stored_keys)
         for key, username in ACCOUNTS.items():
-            if key not in accounts:
-                accounts[key] = Account(username, _new_password())
+            accounts.setdefault(key, Account(username, _new_password()))
         for name, make in KEYS.items():
             if name not in keys:
                 keys[name] = make()
-        if accounts != stored or keys != stored_keys or (path.exists() and path.stat().st_mode & 0o077):
-            _write_0600(path, yaml.safe_dump(cls(accounts, keys)._document(), sort_keys=True))
-        return cls(accounts, keys)
+        new = sorted(set(accounts) - set(stored) | set(keys) - set(stored_keys))
+        if new or (path.exists() and path.stat().st_mode & 0o077):
+            atomic_write(path, yaml.safe_dump(cls(accounts, keys)._document(), sort_keys=True), 0o600)
+        return cls(accounts, keys), new
+
+    @classmethod
+    def load(cls, state_dir: Path, recorded: set[str], has_data: bool) -> "Secrets":
+        """The secrets of an existing cluster, for commands that create nothing."""
+        if not has_data and not (state_dir / FILE_NAME).exists():
+            raise UserError(f"no cluster in {state_dir} yet, so it has no secrets; run `haflow up` first "
+                            "(or point --state-dir at the cluster's state directory)")
+        return cls.ensure(state_dir, recorded, has_data)[0]
+
+    @classmethod
+    def _read_checked(cls, path: Path, recorded: set[str], has_data: bool,
+                      regenerate: bool) -> tuple[dict[str, Account], dict[str, str]]:
+        if not path.exists():
+            if has_data and not regenerate:
+                raise UserError(f"{path} is missing but the cluster's data exists: restore the file from a backup "
+                                f"(it holds every password of the cluster), or {REGENERATE_HINT}")
+            return {}, {}
+        try:
+            accounts, keys = cls._read(path)
+        except UserError:
+            if not regenerate:
+                raise
+            return {}, {}
+        expected = set(recorded)
+        if not expected and has_data and not accounts and not keys:  # an older cluster, no record
+            expected = set(ACCOUNTS) | set(KEYS)
+        lost = sorted(expected - set(accounts) - set(keys))
+        if lost and not regenerate:
+            raise UserError(f"{path} lacks {', '.join(lost)}, generated for this cluster earlier: restore the file "
+                            f"from a backup, or {REGENERATE_HINT}")
+        return accounts, keys
 
     @staticmethod
     def _read(path: Path) -> tuple[dict[str, Account], dict[str, str]]:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("not a mapping")
             keys = {str(k): str(v) for k, v in (data.pop("keys", None) or {}).items()}
-            return {k: Account(str(v["username"]), str(v["password"])) for k, v in data.items()}, keys
-        except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+            return {str(k): Account(str(v["username"]), str(v["password"])) for k, v in data.items()}, keys
+        except (yaml.YAMLError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
             raise UserError(
-                f"{path}: the secrets file is damaged; restore it from a backup (the cluster's "
-                "passwords live there) or, for a cluster you will purge, delete it"
+                f"{path}: the secrets file is damaged; restore it from a backup (the cluster's passwords live "
+                f"there), or {REGENERATE_HINT}"
             ) from None
+
+    def names(self) -> list[str]:
+        return sorted([*self._accounts, *self._keys])
+
+
+# What replacing each secret breaks: said by --regenerate-secrets' help and its errors.
+BREAKS = {
+    "postgres_superuser": "Patroni's own login to PostgreSQL (reset the role's password by hand)",
+    "postgres_replication": "streaming replication (reset the role's password by hand)",
+    "postgres_rewind": "pg_rewind of a returning node (reset the role's password by hand)",
+    "airflow_fernet_key": "every connection and variable Airflow stored encrypted",
+}
+REGENERATE_HINT = ("run `haflow up --regenerate-secrets` to generate new ones (it breaks "
+                   + "; ".join(BREAKS.values()) + ")")

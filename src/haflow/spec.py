@@ -10,25 +10,39 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from collections import defaultdict
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from haflow.errors import SpecError
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")  # always fullmatch: `$` would let a trailing newline in
 SUPPORTED_POSTGRES = range(13, 18 + 1)
-PATRONI_RE = re.compile(r"^4\.1\.\d+$")
+PATRONI_RE = re.compile(r"4\.1\.\d{1,3}")
 DEFAULT_SPEC_NAME = "default-spec.yaml"
 ADDRESSES_ENV = "HAFLOW_ADDRESSES"
+MAX_NODES = 16
+
+
+def _bounded(lo: int, hi: int, unit: str = "", hint: str = "") -> Any:
+    """An int field in [lo, hi]; the error names the range (and why, when it is not obvious)."""
+
+    def check(v: int) -> int:
+        if not lo <= v <= hi:
+            raise ValueError(f"{v}{unit} is out of range; use {lo}-{hi}{unit}" + (f" ({hint})" if hint else ""))
+        return v
+
+    return Annotated[int, AfterValidator(check)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a string or a boolean where a number belongs is an error, not silently converted
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Node(_Strict):
@@ -38,8 +52,8 @@ class Node(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid node name; use lowercase letters, digits and '-', starting with a letter")
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(f"{_short(v)} is not a valid node name; use lowercase letters, digits and '-', starting with a letter")
         return v
 
     @field_validator("address")
@@ -48,38 +62,36 @@ class Node(_Strict):
         try:
             ip = ipaddress.ip_address(v)
         except ValueError:
-            raise ValueError(f"{v!r} is not an IP address; give the node's IPv4 address, e.g. 10.0.0.11") from None
+            raise ValueError(f"{_short(v)} is not an IP address; give the node's IPv4 address, e.g. 10.0.0.11") from None
         if ip.version != 4:
-            raise ValueError(f"{v!r}: only IPv4 addresses are supported for now")
-        if ip.is_unspecified:
-            raise ValueError("0.0.0.0 is not a node address; give the address the node's services bind to")
-        return v
+            raise ValueError(f"{_short(v)}: only IPv4 addresses are supported for now")
+        if ip.is_unspecified or ip in ipaddress.ip_network("0.0.0.0/8"):
+            raise ValueError(f"{v} is not a node address; give the address the node's services bind to")
+        if ip.is_multicast or ip.is_reserved:  # 224/4, 240/4 and the broadcast address
+            raise ValueError(f"{v} is not a unicast address; give the node's own IPv4 address")
+        return str(ip)
+
+
+Port = _bounded(1, 65535, hint="a TCP port")
 
 
 class Ports(_Strict):
-    etcd_client: int = 2379
-    etcd_peer: int = 2380
-    patroni_api: int = 8008
-    postgres: int = 5432
-    pg_primary: int = 5000
-    pg_replicas: int = 5001
-    haproxy_stats: int = 7000
-    epmd: int = 4369
-    rabbitmq_amqp: int = 5672
-    rabbitmq_management: int = 15672
-    rabbitmq_dist: int = 25672
-    amqp_balancer: int = 5670
-    airflow_api: int = 8080
-    api_balancer: int = 8000
-    worker_log_server: int = 8793
-    trigger_log_server: int = 8794
-
-    @field_validator("*")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        if not 1 <= v <= 65535:
-            raise ValueError(f"{v} is not a TCP port; use 1-65535")
-        return v
+    etcd_client: Port = 2379
+    etcd_peer: Port = 2380
+    patroni_api: Port = 8008
+    postgres: Port = 5432
+    pg_primary: Port = 5000
+    pg_replicas: Port = 5001
+    haproxy_stats: Port = 7000
+    epmd: Port = 4369
+    rabbitmq_amqp: Port = 5672
+    rabbitmq_management: Port = 15672
+    rabbitmq_dist: Port = 25672  # node i uses rabbitmq_dist + i
+    amqp_balancer: Port = 5670
+    airflow_api: Port = 8080
+    api_balancer: Port = 8000
+    worker_log_server: Port = 8793
+    trigger_log_server: Port = 8794
 
 
 class Etcd(_Strict):
@@ -91,10 +103,12 @@ class Database(_Strict):
     patroni_version: str = "4.1.5"
     synchronous_mode: bool = True
     failsafe_mode: bool = True
-    ttl: int = 20
-    loop_wait: int = 10
-    retry_timeout: int = 5
-    maximum_lag_on_failover: int = 1048576
+    # Patroni refuses ttl < 20, loop_wait < 1, retry_timeout < 3; the upper bounds keep a
+    # failover within an hour (etcd takes leases far longer, nobody wants them).
+    ttl: _bounded(20, 3600, " s", "Patroni's minimum is 20") = 20
+    loop_wait: _bounded(1, 600, " s") = 10
+    retry_timeout: _bounded(3, 600, " s", "Patroni's minimum is 3") = 5
+    maximum_lag_on_failover: _bounded(0, 2**40, " bytes") = 1048576
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @field_validator("postgres_version")
@@ -104,20 +118,15 @@ class Database(_Strict):
             raise ValueError(f"PostgreSQL {v} is not supported; use one of 13-18 (Debian 12 ships 15)")
         return v
 
-    @field_validator("patroni_version")
+    @field_validator("patroni_version", mode="before")
     @classmethod
     def _patroni(cls, v: Any) -> str:
-        v = str(v)
-        if not PATRONI_RE.match(v):
-            raise ValueError(f"Patroni {v!r} is not supported; use a 4.1.x release such as 4.1.5")
+        if not isinstance(v, str) or not PATRONI_RE.fullmatch(v):
+            raise ValueError(f"Patroni {_short(v)} is not supported; use a 4.1.x release such as 4.1.5 (as a string)")
         return v
 
     @model_validator(mode="after")
     def _timings(self) -> "Database":
-        if self.ttl < 20:
-            raise ValueError(f"ttl {self.ttl} is below Patroni's minimum of 20 seconds; set database.ttl >= 20")
-        if self.loop_wait < 1 or self.retry_timeout < 3:
-            raise ValueError("loop_wait must be >= 1 and retry_timeout >= 3 seconds")
         if self.loop_wait + 2 * self.retry_timeout > self.ttl:
             raise ValueError(
                 f"loop_wait + 2*retry_timeout ({self.loop_wait} + 2*{self.retry_timeout}) exceeds ttl {self.ttl}; "
@@ -127,90 +136,59 @@ class Database(_Strict):
 
 
 class Balancer(_Strict):
-    check_interval_ms: int = 1000
-    fall: int = 2
-    rise: int = 1
-
-    @field_validator("check_interval_ms")
-    @classmethod
-    def _inter(cls, v: int) -> int:
-        if not 100 <= v <= 60000:
-            raise ValueError(f"{v} ms is out of range; use 100-60000 (1000 is the measured default)")
-        return v
-
-    @field_validator("fall", "rise")
-    @classmethod
-    def _count(cls, v: int) -> int:
-        if not 1 <= v <= 10:
-            raise ValueError(f"{v} is out of range; use 1-10")
-        return v
+    check_interval_ms: _bounded(100, 60000, " ms", "1000 is the measured default") = 1000
+    fall: _bounded(1, 10) = 2
+    rise: _bounded(1, 10) = 1
 
 
 class Broker(_Strict):
     # A task's message stays unacknowledged while the task runs (acks_late): RabbitMQ closes a
     # consumer that holds one longer than this. It must outlast the longest task.
-    consumer_timeout_s: int = 8 * 3600
-
-    @field_validator("consumer_timeout_s")
-    @classmethod
-    def _timeout(cls, v: int) -> int:
-        if v < 60:
-            raise ValueError(f"{v} s is too short; use at least 60 (it must outlast the longest task)")
-        return v
+    consumer_timeout_s: _bounded(60, 30 * 86400, " s", "it must outlast the longest task") = 8 * 3600
 
 
-AIRFLOW_RE = re.compile(r"^3\.3\.\d+$")
+AIRFLOW_RE = re.compile(r"3\.3\.\d{1,3}")
+DAY = 86400
 
 
 class Airflow(_Strict):
     version: str = "3.3.2"
     dags: str | None = None  # a DAG folder (relative to the spec); None: the shipped examples
-    worker_concurrency: int = 3
-    api_workers: int = 1  # uvicorn workers per api-server (~290 MiB each)
-    parallelism: int = 32
-    task_execution_timeout_s: int = 6 * 3600  # the longest a task may run (Airflow kills it after)
-    task_retries: int = 2
-    task_retry_delay_s: int = 10
-    task_queued_timeout_s: int = 120
-    task_heartbeat_timeout_s: int = 60  # a running task whose worker died is failed (and retried) after this
-    dag_processor_lease_ttl_s: int = 10
+    worker_concurrency: _bounded(1, 64) = 3
+    api_workers: _bounded(1, 16, hint="uvicorn workers, ~290 MiB each") = 1
+    parallelism: _bounded(1, 1024) = 32
+    task_execution_timeout_s: _bounded(1, 30 * DAY - 60, " s") = 6 * 3600  # the longest a task may run
+    task_retries: _bounded(0, 20) = 2
+    task_retry_delay_s: _bounded(0, DAY, " s") = 10
+    task_queued_timeout_s: _bounded(1, DAY, " s") = 120
+    # a running task whose worker died is failed (and retried) after this; it must outlast a
+    # database failover (about 20 s), when no heartbeat can be written
+    task_heartbeat_timeout_s: _bounded(45, DAY, " s", "at least 45: running tasks stop heartbeating during a database failover") = 60
+    dag_processor_lease_ttl_s: _bounded(5, 120, " s", "a dead node's dag-processor is replaced after about this") = 10
 
-    @field_validator("version")
+    @field_validator("version", mode="before")
     @classmethod
     def _version(cls, v: Any) -> str:
-        v = str(v)
-        if not AIRFLOW_RE.match(v):
-            raise ValueError(f"Airflow {v!r} is not supported; use a 3.3.x release such as 3.3.2")
+        if not isinstance(v, str) or not AIRFLOW_RE.fullmatch(v):
+            raise ValueError(f"Airflow {_short(v)} is not supported; use a 3.3.x release such as 3.3.2 (as a string)")
+        shipped = shipped_airflow_versions()
+        if v not in shipped:
+            raise ValueError(f"Airflow {v}: haflow ships a constraints file only for {', '.join(shipped)}; use one of those")
         return v
 
-    @field_validator("worker_concurrency", "api_workers", "parallelism")
+    @field_validator("dags")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"{v} must be at least 1")
+    def _dags(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("empty; give your DAG folder (relative to the spec) or null for haflow's examples")
         return v
 
-    @field_validator("task_heartbeat_timeout_s")
-    @classmethod
-    def _heartbeat(cls, v: int) -> int:
-        # Must outlast a database failover (about 20 s), when no heartbeat can be written.
-        if v < 45:
-            raise ValueError(f"{v} s is too short; use at least 45 (running tasks stop heartbeating during a database failover)")
-        return v
 
-    @field_validator("dag_processor_lease_ttl_s")
-    @classmethod
-    def _ttl(cls, v: int) -> int:
-        if not 5 <= v <= 120:
-            raise ValueError(f"{v} s is out of range; use 5-120 (a dead node's dag-processor is replaced after about this)")
-        return v
-
-    @field_validator("task_execution_timeout_s")
-    @classmethod
-    def _exec(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"{v} s is not a duration; use a positive number of seconds")
-        return v
+def shipped_airflow_versions() -> list[str]:
+    """Airflow versions haflow has a constraints file for (data/constraints-airflow-X.txt)."""
+    names = [p.name for p in resources.files("haflow").joinpath("data").iterdir()]
+    return sorted(n.removeprefix("constraints-airflow-").removesuffix(".txt") for n in names
+                  if n.startswith("constraints-airflow-") and n.endswith(".txt"))
 
 
 class Spec(_Strict):
@@ -226,8 +204,8 @@ class Spec(_Strict):
     @field_validator("cluster")
     @classmethod
     def _cluster(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid cluster name; use lowercase letters, digits and '-', starting with a letter")
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(f"{_short(v)} is not a valid cluster name; use lowercase letters, digits and '-', starting with a letter")
         return v
 
     def node(self, name: str) -> Node:
@@ -245,24 +223,115 @@ class Spec(_Strict):
         return [n for n in self.nodes if n.name in names]
 
 
+# --- PostgreSQL parameters ----------------------------------------------------------------------
+
+PG_PARAMETER_RE = re.compile(r"[a-z_][a-z0-9_.]{0,62}")
+# Set by haflow or Patroni for every node; a cluster-wide value would break replication or routing.
+PG_MANAGED = {"listen_addresses", "port", "unix_socket_directories", "data_directory", "hba_file", "ident_file",
+              "config_file", "wal_level", "hot_standby", "wal_log_hints", "cluster_name", "primary_conninfo",
+              "primary_slot_name", "synchronous_standby_names"}
+PG_INCLUDES = {"include", "include_dir", "include_if_exists"}
+# Types of the parameters users set most; Patroni checks the rest (and drops what PostgreSQL would
+# refuse, with a warning in its log). (min, max) as PostgreSQL's GUC tables give them.
+PG_INTEGERS = {"max_connections": (1, 262143), "max_wal_senders": (0, 262143), "max_replication_slots": (0, 262143),
+               "max_worker_processes": (0, 262143), "max_parallel_workers": (0, 1024),
+               "superuser_reserved_connections": (0, 262143), "max_locks_per_transaction": (10, 2**31 - 1)}
+PG_MEMORY = {"shared_buffers", "work_mem", "maintenance_work_mem", "effective_cache_size", "wal_keep_size",
+             "max_wal_size", "min_wal_size", "temp_buffers", "wal_buffers"}
+PG_MEMORY_RE = re.compile(r"[1-9][0-9]{0,9}\s*(B|kB|MB|GB|TB)?")
+
+
+def pg_parameter_problems(name: str, value: Any) -> list[str]:
+    """Why a database.parameters entry would break what haflow guarantees (empty if it is fine)."""
+    where = f"database.parameters.{name}" if PG_PARAMETER_RE.fullmatch(name) else f"database.parameters[{_short(name)}]"
+    text = str(value).strip().lower()
+    if not PG_PARAMETER_RE.fullmatch(name):
+        return [f"{where}: not a PostgreSQL parameter name; use lowercase letters, digits and '_'"]
+    if name in PG_INCLUDES:
+        return [f"{where}: include directives pull in a file haflow does not manage on every node; "
+                "set the parameters themselves here"]
+    if name.endswith("_command"):
+        return [f"{where}: shell commands run by PostgreSQL (archiving, restore) are not managed by haflow "
+                "and could break failover and pg_rewind; remove it"]
+    if name in PG_MANAGED:
+        return [f"{where}: set by haflow/Patroni on every node (replication and routing depend on it); remove it"]
+    if name == "synchronous_commit" and text in ("off", "local", "false", "0", "no"):
+        return [f"{where}: {_short(value)} acknowledges writes the standby does not have, which a failover "
+                "loses; use on, remote_write or remote_apply"]
+    if name == "password_encryption" and text != "scram-sha-256":
+        return [f"{where}: {_short(value)} stores weak password hashes; haflow's accounts use scram-sha-256, remove it"]
+    if name in ("fsync", "full_page_writes") and text in ("off", "false", "0", "no"):
+        return [f"{where}: off risks a corrupt database after a crash; remove it"]
+    return _pg_value_problems(where, name, value)
+
+
+def _pg_value_problems(where: str, name: str, value: Any) -> list[str]:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) and (name in PG_INTEGERS or name in PG_MEMORY):
+        return [f"{where}: {_short(value)} is not a value PostgreSQL takes for it; give a number or a string"]
+    if name in PG_INTEGERS:
+        lo, hi = PG_INTEGERS[name]
+        number = value if type(value) is int else int(value) if isinstance(value, str) and value.isdigit() else None
+        if number is None or not lo <= number <= hi:
+            return [f"{where}: {_short(value)} is not a whole number in {lo}-{hi}; PostgreSQL would refuse to start"]
+    if name in PG_MEMORY:
+        ok = (type(value) is int and 1 <= value < 2**31) or (isinstance(value, str) and PG_MEMORY_RE.fullmatch(value.strip()))
+        if not ok:
+            return [f"{where}: {_short(value)} is not a memory size; write it like 128MB (or a positive number of pages/kB)"]
+    return []
+
+
+# --- checks across fields ------------------------------------------------------------------------
+
+
 def cross_field_problems(data: dict[str, Any]) -> list[str]:
     """Problems that involve several fields; each line starts with the field path.
 
-    Works on the raw document so they are reported together with per-field errors."""
-    nodes = [n for n in data.get("nodes") or [] if isinstance(n, dict)] if isinstance(data.get("nodes"), list) else []
+    Works on the raw document so they are reported together with per-field errors, but only on
+    values that are valid on their own (a port given as a string is reported once, as a type
+    error, and never compared as a string)."""
+    raw_nodes = data.get("nodes") if isinstance(data.get("nodes"), list) else []
+    nodes = [n if isinstance(n, dict) else {} for n in raw_nodes]
     etcd = data.get("etcd") if isinstance(data.get("etcd"), dict) else {}
-    ports = {**Ports().model_dump(), **(data.get("ports") if isinstance(data.get("ports"), dict) else {})}
     problems: list[str] = []
     if "nodes" in data and len(nodes) < 3:
         problems.append(f"nodes: {len(nodes)} node(s) given; an HA cluster needs at least 3 (add nodes)")
-    problems += _duplicates(nodes, "name")
-    problems += _duplicates(nodes, "address")
+    if len(nodes) > MAX_NODES:
+        problems.append(f"nodes: {len(nodes)} nodes given; haflow runs at most {MAX_NODES}")
+    problems += _duplicates(nodes, "name", lambda v: _valid(Node.model_fields["name"], v, Node._name))
+    problems += _duplicates(nodes, "address", lambda v: _valid(Node.model_fields["address"], v, Node._address))
     names = [str(n.get("name")) for n in nodes]
+    problems += _etcd_member_problems(etcd, names)
+    ports = _valid_ports(data.get("ports"))
+    problems += _port_clashes(ports)
+    problems += _derived_port_problems(ports, len(nodes))
+    problems += _timeout_problems(data)
+    db = data.get("database") if isinstance(data.get("database"), dict) else {}
+    params = db.get("parameters") if isinstance(db.get("parameters"), dict) else {}
+    problems += [p for name, value in params.items() for p in pg_parameter_problems(str(name), value)]
+    return problems
+
+
+def _valid(field: Any, value: Any, validator: Any) -> Any:
+    """`value` as its field validator returns it, or None when it is invalid on its own."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return validator(value)
+    except ValueError:
+        return None
+
+
+def _etcd_member_problems(etcd: dict[str, Any], names: list[str]) -> list[str]:
     explicit = etcd.get("members")
-    members = [str(m) for m in explicit] if isinstance(explicit, list) else names
+    if explicit is not None and not isinstance(explicit, list):
+        return []  # a type error, reported by the model
+    if isinstance(explicit, list) and not explicit:
+        return ["etcd.members: empty; list an odd number (3 or 5) of the nodes, or remove the key to use every node"]
+    members = [m for m in explicit if isinstance(m, str)] if isinstance(explicit, list) else names
+    problems = []
     for i, m in enumerate(members if isinstance(explicit, list) and names else []):
         if m not in names:
-            problems.append(f"etcd.members[{i}]: {m!r} is not a node of this spec; use one of {', '.join(names)}")
+            problems.append(f"etcd.members[{i}]: {_short(m)} is not a node of this spec; use one of {', '.join(names)}")
     if len(set(members)) != len(members):
         problems.append("etcd.members: a node is listed twice; list each member once")
     if members and len(set(members)) % 2 == 0:
@@ -271,9 +340,16 @@ def cross_field_problems(data: dict[str, Any]) -> list[str]:
             f"{where}: {len(set(members))} etcd members is an even number; a quorum needs an odd count "
             "(3 or 5): set etcd.members to an odd subset of the nodes"
         )
-    problems += _port_clashes(ports)
-    problems += _timeout_problems(data)
     return problems
+
+
+def _valid_ports(raw: Any) -> dict[str, int]:
+    """The port plan with every port that is valid on its own (defaults for the rest)."""
+    ports = Ports().model_dump()
+    for field, value in (raw.items() if isinstance(raw, dict) else []):
+        if field in ports and type(value) is int and 1 <= value <= 65535:
+            ports[field] = value
+    return ports
 
 
 def _timeout_problems(data: dict[str, Any]) -> list[str]:
@@ -281,29 +357,29 @@ def _timeout_problems(data: dict[str, Any]) -> list[str]:
     airflow = data.get("airflow") if isinstance(data.get("airflow"), dict) else {}
     consumer = broker.get("consumer_timeout_s", Broker().consumer_timeout_s)
     task = airflow.get("task_execution_timeout_s", Airflow().task_execution_timeout_s)
-    if isinstance(consumer, int) and isinstance(task, int) and consumer <= task:
+    if type(consumer) is int and type(task) is int and consumer <= task:
         return [f"broker.consumer_timeout_s: {consumer} s does not outlast airflow.task_execution_timeout_s ({task} s); "
                 "RabbitMQ would close the channel of a worker running a long task: set it above the task timeout"]
     return []
 
 
-def _duplicates(nodes: list[dict[str, Any]], attr: str) -> list[str]:
+def _duplicates(nodes: list[dict[str, Any]], attr: str, normal: Any) -> list[str]:
     seen: dict[Any, int] = {}
     out = []
     for i, n in enumerate(nodes):
-        v = n.get(attr)
+        v = normal(n.get(attr))
         if v is None:
             continue
         if v in seen:
-            out.append(f"nodes[{i}].{attr}: {v!r} is already used by nodes[{seen[v]}]; every node needs its own {attr}")
+            out.append(f"nodes[{i}].{attr}: {_short(v)} is already used by nodes[{seen[v]}]; every node needs its own {attr}")
         else:
             seen[v] = i
     return out
 
 
-def _port_clashes(ports: dict[str, Any]) -> list[str]:
+def _port_clashes(ports: dict[str, int]) -> list[str]:
     """Two services of one node on the same address and port can never both start."""
-    by_port: dict[Any, list[str]] = defaultdict(list)
+    by_port: dict[int, list[str]] = defaultdict(list)
     for field, port in ports.items():
         by_port[port].append(field)
     return [
@@ -311,6 +387,40 @@ def _port_clashes(ports: dict[str, Any]) -> list[str]:
         for port, fields in by_port.items()
         if len(fields) > 1
     ]
+
+
+def _derived_port_problems(ports: dict[str, int], n_nodes: int) -> list[str]:
+    """RabbitMQ's distribution port is rabbitmq_dist + the node's index (nodes share one epmd)."""
+    base = ports["rabbitmq_dist"]
+    n = max(1, min(n_nodes, MAX_NODES))
+    if base + n - 1 > 65535:
+        return [f"ports.rabbitmq_dist: node {n - 1} would use {base + n - 1}, past 65535 (node i uses rabbitmq_dist + i); "
+                f"use at most {65536 - n}"]
+    others = {port: field for field, port in ports.items() if field != "rabbitmq_dist"}
+    for i in range(1, n):  # i = 0 is the base port itself, checked with the others
+        if base + i in others:
+            return [f"ports.rabbitmq_dist: node {i} uses rabbitmq_dist + {i} = {base + i}, which is ports.{others[base + i]}; "
+                    "move rabbitmq_dist or that port"]
+    return []
+
+
+# --- error messages ------------------------------------------------------------------------------
+
+MAX_PROBLEMS = 40  # an error list never grows past this, whatever the spec holds
+SHORT = 40
+
+
+def _short(v: Any) -> str:
+    """A value for an error line: repr'd (control characters visible), and cut to SHORT characters."""
+    text = repr(v)
+    return text if len(text) <= SHORT else text[: SHORT - 3] + "..."
+
+
+TYPE_NAMES = {bool: "a boolean", int: "a number", float: "a decimal number", str: "a string", list: "a list",
+              dict: "a mapping", type(None): "null"}
+EXPECTED = {"int_type": "a whole number", "string_type": "a string", "bool_type": "true or false",
+            "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "float_type": "a number",
+            "int_from_float": "a whole number"}
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -324,16 +434,20 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 
 def _friendly(err: dict[str, Any], model_fields: dict[str, list[str]]) -> str:
-    loc = err["loc"]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("int", "str", "float", "bool"))))
     path = _field_path(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _field_path(loc[:-1])
         known = model_fields.get(_strip_indexes(parent), [])
         hint = f"; known keys here: {', '.join(known)}" if known else ""
-        return f"{path}: unknown key{hint}"
+        return f"{_field_path(loc[:-1] + (_short(loc[-1]).strip(chr(39)),))}: unknown key{hint}"
     if kind == "missing":
         return f"{path}: required field is missing; add it"
+    if kind in EXPECTED:
+        got = err.get("input")
+        what = TYPE_NAMES.get(type(got), type(got).__name__)
+        return f"{path}: expected {EXPECTED[kind]}, got {_short(got)} ({what}); write it as {EXPECTED[kind]}"
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
@@ -358,21 +472,89 @@ def _known_keys() -> dict[str, list[str]]:
     }
 
 
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def control_character_problems(data: Any, path: str = "") -> list[str]:
+    """Every key or string value holding a control character (a newline included), by path."""
+    problems = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and CONTROL_RE.search(k):
+                problems.append(f"{path or 'spec'}: the key {_short(k)} contains a control character; remove it")
+                continue
+            problems += control_character_problems(v, sub)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            problems += control_character_problems(v, f"{path}[{i}]")
+    elif isinstance(data, str) and CONTROL_RE.search(data):
+        problems.append(f"{path}: {_short(data)} contains a control character (a newline, tab, ...); remove it")
+    return problems
+
+
 def parse_spec(data: Any, source: str = "spec") -> Spec:
     """Validate a parsed YAML document; raise SpecError listing every problem."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the spec must be a YAML mapping (cluster:, nodes:, ...)")
-    lines: list[str] = []
+    lines: list[str] = control_character_problems(data)
     spec: Spec | None = None
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
         known = _known_keys()
-        lines = [_friendly(err, known) for err in e.errors()]
+        lines += [_friendly(err, known) for err in e.errors()]
     lines += [p for p in cross_field_problems(data) if p not in lines]
     if lines or spec is None:
-        raise SpecError(f"{source}: {len(lines)} problem(s) in the spec", details=lines)
+        lines = list(dict.fromkeys(lines))
+        shown = lines[:MAX_PROBLEMS] + ([f"... and {len(lines) - MAX_PROBLEMS} more"] if len(lines) > MAX_PROBLEMS else [])
+        raise SpecError(f"{source}: {len(lines)} problem(s) in the spec", details=shown)
     return spec
+
+
+# --- reading a spec file -------------------------------------------------------------------------
+
+MAX_SPEC_BYTES = 256 * 1024
+MAX_DEPTH = 12  # the deepest real spec is 3 levels
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus what has no place in a spec: duplicate keys (PyYAML keeps the
+    last one silently), aliases (a few lines expand to gigabytes), and deep nesting (a
+    RecursionError, not an error message)."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.constructor.ConstructorError(None, None, "YAML aliases (*name) are not allowed in a spec; "
+                                                    "write the value out", mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                                        self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value", key_node.start_mark) from None
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_short(key)}; keep one of them",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _SpecLoader.construct_mapping)
 
 
 def default_spec_text() -> str:
@@ -381,12 +563,42 @@ def default_spec_text() -> str:
 
 def load_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{source}:{where}: not valid YAML ({problem}); fix the syntax") from None
+        raise SpecError(f"{source}:{where}: not valid YAML ({_cut(problem, 160)}); fix it") from None
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def read_spec_text(path: Path) -> str:
+    """The spec file's text: a regular file, small, UTF-8 text (never blocks on a FIFO)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found; create one with `haflow init {path}`") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+        raise SpecError(f"{path}: is {kind}, not a spec file; give the path of a YAML file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {st.st_size} bytes is too large for a spec (at most {MAX_SPEC_BYTES}); is it the right file?")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from None
+    if b"\0" in raw:
+        raise SpecError(f"{path}: is a binary file (it holds NUL bytes), not a YAML spec")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SpecError(f"{path}: line {line}: not UTF-8 text (byte {e.start}); save the spec as UTF-8") from None
 
 
 def embedded_default() -> Spec:
@@ -403,10 +615,38 @@ def embedded_default() -> Spec:
 def load_spec(path: Path | None) -> Spec:
     if path is None:
         return embedded_default()
+    return parse_spec(load_yaml(read_spec_text(path), str(path)), str(path))
+
+
+# --- paths the spec names ------------------------------------------------------------------------
+
+
+def dags_folder(spec: Spec, spec_dir: Path | None) -> Path | None:
+    """The spec's DAG folder, resolved against the spec's directory; None: haflow's examples."""
+    if spec.airflow.dags is None:
+        return None
+    return ((spec_dir or Path.cwd()) / spec.airflow.dags).resolve()
+
+
+def check_paths(spec: Spec, spec_dir: Path | None, state_dir: Path) -> None:
+    """The DAG folder must exist and be unable to swallow the state directory: it is copied to
+    every node, and `/` or a folder holding the state would copy databases and secrets."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found; create one with `haflow init {path}`") from None
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from None
-    return parse_spec(load_yaml(text, str(path)), str(path))
+        folder = dags_folder(spec, spec_dir)
+        is_dir = folder is not None and folder.is_dir()
+    except OSError as e:  # a name too long, a loop of links
+        raise SpecError(f"airflow.dags: cannot use it as a folder ({e.strerror}); point it at your DAG folder") from None
+    if folder is None:
+        return
+    state = state_dir.resolve()
+    problem = None
+    if folder == Path("/"):
+        problem = "is / ; give the folder that holds your DAG files"
+    elif not is_dir:
+        problem = f"{folder} is not an existing folder; create it or point airflow.dags at your DAG folder"
+    elif state == folder or folder in state.parents:
+        problem = f"{folder} contains the state directory {state} (databases, secrets); use a folder of DAG files only"
+    elif state in folder.parents:
+        problem = f"{folder} is inside the state directory {state}; keep your DAGs elsewhere"
+    if problem:
+        raise SpecError(f"airflow.dags: {problem}")

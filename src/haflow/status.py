@@ -29,11 +29,13 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
         "healthy": False, "members": [{"node": n, "running": False, "alarms": [], "partitions": []} for n in facts.node_names],
         "quorum_queues": [], "classic_queues": [], "endpoints": {"amqp": facts.amqp_endpoints}, "problems": ["cluster not created yet"]}
     layers = {"dcs": dcs, "database": database, "balancer": balancer, "broker": broker, "airflow": airflow_layer}
+    removed = [{"node": n, "running": n in cluster.removed_nodes_running()} for n in cluster.state.removed_nodes(cluster.spec)]
     return {
         "cluster": facts.name,
-        "healthy": all(layer["healthy"] for layer in layers.values()),
+        "healthy": all(layer["healthy"] for layer in layers.values()) and not any(r["running"] for r in removed),
         "state_dir": str(cluster.state_dir),
         "nodes": nodes,
+        "removed_nodes": removed,
         "layers": layers,
     }
 
@@ -45,6 +47,9 @@ def problems(snap: dict[str, Any]) -> list[str]:
     for n in snap["nodes"]:
         if not n["supervisor"]:
             out.append(f"{n['node']}: node is down (its supervisor is not running); `haflow up` restarts it")
+    for r in snap.get("removed_nodes", []):
+        if r["running"]:
+            out.append(f"{r['node']}: no longer in the spec but still running; `haflow down` stops it")
     out += [f"dcs: {p}" for p in layers["dcs"].get("problems", [])]
     out += [f"database: {p}" for p in layers["database"].get("problems", [])]
     for m in layers["balancer"]["members"]:

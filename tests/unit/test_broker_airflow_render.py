@@ -22,7 +22,9 @@ def cluster(tmp_path: Path, **airflow_overrides) -> Cluster:
     for node, addr in zip(data["nodes"], ADDRESSES):
         node["address"] = addr
     data.setdefault("airflow", {}).update(airflow_overrides)
-    return Cluster(parse_spec(data), tmp_path / "state")
+    c = Cluster(parse_spec(data), tmp_path / "state")
+    c.ensure_secrets()  # what `up` does first
+    return c
 
 
 def files(c: Cluster, node: str) -> dict[str, str]:

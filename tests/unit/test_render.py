@@ -20,7 +20,9 @@ def cluster(tmp_path: Path) -> Cluster:
     data = yaml.safe_load(default_spec_text())
     for node, addr in zip(data["nodes"], ADDRESSES):
         node["address"] = addr
-    return Cluster(parse_spec(data), tmp_path / "state")
+    c = Cluster(parse_spec(data), tmp_path / "state")
+    c.ensure_secrets()  # what `up` does first
+    return c
 
 
 def file_of(c: Cluster, node: str, name: str):

@@ -96,7 +96,7 @@ def test_invalid_versions():
 
 
 def test_patroni_timing_rules():
-    assert any(l.startswith("database: ttl 10 is below Patroni's minimum")
+    assert any(l.startswith("database.ttl: 10 s is out of range; use 20-3600 s (Patroni's minimum is 20)")
                for l in problems(lambda d: d["database"].update(ttl=10)))
     assert any("loop_wait + 2*retry_timeout" in l
                for l in problems(lambda d: d["database"].update(loop_wait=15)))

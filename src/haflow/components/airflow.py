@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -189,12 +190,21 @@ def canary_dag_source() -> Path:
 
 def folder_checksum(folder: Path, extra: dict[str, Path] | None = None) -> str:
     """sha256 over the sorted relative paths and contents of every file (no __pycache__), as
-    if the `extra` files (relative name -> file) were in the folder too."""
-    files = {p.relative_to(folder): p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    if the `extra` files (relative name -> file) were in the folder too. A symlink counts as
+    its target's name, never what it points at (it is copied as a link)."""
+    files: dict[Path, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):  # does not follow linked folders
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in [f for f in filenames if not f.endswith(".pyc")] + linked_dirs:
+            path = Path(dirpath) / name
+            files[path.relative_to(folder)] = path
     files.update({Path(name): p for name, p in (extra or {}).items()})
     h = hashlib.sha256()
     for rel in sorted(files):
-        h.update(str(rel).encode() + b"\0" + files[rel].read_bytes() + b"\0")
+        p = files[rel]
+        body = b"link:" + os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+        h.update(str(rel).encode() + b"\0" + body + b"\0")
     return h.hexdigest()
 
 

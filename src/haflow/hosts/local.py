@@ -95,9 +95,21 @@ class LocalHost:
         say, /root (mode 0700). Its files then live under /var/lib/haflow/db, linked from the
         state directory, so `haflow up` works wherever the user runs it."""
         if self._relocated is None:
-            user = default_db_user()
-            self._relocated = is_root() and user != "root" and not reachable_by(self.state_dir, user)
+            self._relocated = self._db_placed_outside()
+            if self._relocated is None:
+                user = default_db_user()
+                self._relocated = is_root() and user != "root" and not reachable_by(self.state_dir, user)
         return self._relocated
+
+    def _db_placed_outside(self) -> bool | None:
+        """Where an existing cluster's database files already are (a link means outside):
+        the decision is made once, when the cluster is created, and never moves data."""
+        for link in sorted((self.state_dir / "nodes").glob(f"*/{DB_DIR}")):
+            if link.is_symlink():
+                return True
+            if link.is_dir():
+                return False
+        return None
 
     def _db_base(self) -> Path:
         return DB_RELOCATION_BASE / self.run_base.name
@@ -320,7 +332,8 @@ class LocalHost:
         if not target.is_dir():
             tmp = link.parent / f".{target.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            # symlinks stay links: a link to /etc must not copy /etc onto every node
+            shutil.copytree(source, tmp, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             os.replace(tmp, target)
         new_link = link.parent / f".{link.name}.link"
         new_link.unlink(missing_ok=True)

@@ -1,0 +1,156 @@
+"""A state directory knows what it holds: which cluster, which nodes, which secrets.
+
+`haflow up` writes `haflow-state.json` before it writes anything else, and every later command
+reads it first. That record is how haflow proves a directory is its own before it rewrites a
+config, restarts a process or deletes anything (design.md §7):
+
+- a spec whose cluster name differs from the record's (two specs sharing one `.haflow`, or a
+  renamed cluster) is refused, naming both, instead of taking over the other cluster;
+- `down --purge` deletes only a directory that carries a record;
+- nodes stay recorded after they leave the spec, so `down` and `purge` still find them;
+- the names of the generated secrets are recorded, so a secrets file that lost some of them is
+  told apart from an older one that simply predates a new account.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from haflow.errors import UserError
+from haflow.fsutil import atomic_write
+from haflow.spec import Spec
+
+RECORD_FILE = "haflow-state.json"
+FORMAT = 1
+NODES_DIR = "nodes"
+
+
+@dataclass
+class Record:
+    cluster: str
+    nodes: dict[str, str] = field(default_factory=dict)  # every node ever in the cluster -> address
+    ports: dict[str, int] = field(default_factory=dict)  # ports that cannot change under a running cluster
+    secrets: list[str] = field(default_factory=list)  # names of the secrets generated for it
+    created: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "cluster": self.cluster, "created": self.created, "nodes": self.nodes,
+                           "ports": self.ports, "secrets": sorted(self.secrets)}, indent=1) + "\n"
+
+
+# A member's peer URL is its identity in etcd's membership: changing it needs etcd's member API.
+FIXED_PORTS = ("etcd_client", "etcd_peer")
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / RECORD_FILE
+
+    def record(self) -> Record | None:
+        """The record, None if there is none; a damaged record is an error (never guessed)."""
+        try:
+            data = json.loads(self.record_path.read_text())
+            return Record(cluster=str(data["cluster"]), nodes={str(k): str(v) for k, v in data.get("nodes", {}).items()},
+                          ports={str(k): int(v) for k, v in data.get("ports", {}).items()},
+                          secrets=[str(s) for s in data.get("secrets", [])], created=str(data.get("created", "")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{self.record_path}: the state record is damaged; restore it from a backup, or recreate it "
+                            "by hand as {\"cluster\": \"NAME\"} with the cluster name of its spec") from None
+
+    def has_legacy_data(self) -> bool:
+        """A state directory of haflow before records existed: node folders but no record."""
+        return self.record() is None and (self.path / NODES_DIR).is_dir()
+
+    def has_cluster_data(self) -> bool:
+        rec = self.record()
+        return bool(rec and rec.secrets) or (self.path / NODES_DIR).is_dir()
+
+    # --- checks every command makes -----------------------------------------------------------
+    def check_owner(self, spec: Spec, source: str) -> None:
+        """Refuse a spec for another cluster than the one this directory holds."""
+        rec = self.record()
+        if rec is not None and rec.cluster != spec.cluster:
+            raise UserError(
+                f"{self.path} holds cluster {rec.cluster!r}, but {source} describes cluster {spec.cluster!r}; "
+                f"give each cluster its own state directory (--state-dir or {spec.cluster}/ next to its spec), "
+                "or use the spec of the cluster that lives there"
+            )
+
+    def removed_nodes(self, spec: Spec) -> list[str]:
+        """Nodes this directory recorded that the spec no longer lists."""
+        rec = self.record()
+        names = {n.name for n in spec.nodes}
+        return sorted(n for n in (rec.nodes if rec else {}) if n not in names)
+
+    def recorded_nodes(self, spec: Spec) -> list[str]:
+        """Every node that may have processes or data here: the spec's and the recorded ones."""
+        return [n.name for n in spec.nodes] + self.removed_nodes(spec)
+
+    # --- what `up` does first -----------------------------------------------------------------
+    def claim(self, spec: Spec, source: str) -> Record:
+        """Record the spec's cluster here (creating the directory), or refuse a change the
+        cluster cannot take: another cluster, a node's new address, a new etcd port."""
+        self.check_owner(spec, source)
+        rec = self.record()
+        if rec is None:
+            if self.path.exists() and not self.path.is_dir():
+                raise UserError(f"{self.path} is not a directory; choose another --state-dir")
+            rec = Record(cluster=spec.cluster, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        else:
+            problems = self._unchangeable(rec, spec)
+            if problems:
+                raise UserError(f"{source}: {len(problems)} change(s) an existing cluster cannot take", details=problems)
+        rec.nodes.update({n.name: n.address for n in spec.nodes})
+        rec.ports = {p: getattr(spec.ports, p) for p in FIXED_PORTS}
+        self.save(rec)
+        return rec
+
+    @staticmethod
+    def _unchangeable(rec: Record, spec: Spec) -> list[str]:
+        problems = []
+        for i, n in enumerate(spec.nodes):
+            old = rec.nodes.get(n.name)
+            if old is not None and old != n.address:
+                problems.append(
+                    f"nodes[{i}].address: {n.name} was created at {old}; a node's address is part of its etcd peer URL "
+                    "and RabbitMQ node name, so it cannot change: put back "
+                    f"{old}, or remove the node (`haflow down`, then drop it) and add a new one")
+        for p in FIXED_PORTS:
+            old_port = rec.ports.get(p)
+            if old_port is not None and old_port != getattr(spec.ports, p):
+                problems.append(
+                    f"ports.{p}: the cluster's etcd members were created on {old_port}; etcd keeps members by "
+                    f"their URLs, so a new {p} would split the cluster: put back {old_port}")
+        return problems
+
+    def save(self, rec: Record) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.chmod(0o700)  # data, logs and secrets of the cluster: its owner only
+        atomic_write(self.record_path, rec.to_json(), 0o600)
+
+    def record_secrets(self, names: list[str]) -> None:
+        rec = self.record()
+        if rec is not None and sorted(rec.secrets) != sorted(names):
+            rec.secrets = sorted(names)
+            self.save(rec)
+
+    # --- what purge demands -------------------------------------------------------------------
+    def check_purgeable(self, spec: Spec, source: str) -> None:
+        """Only a directory that carries haflow's record, for this very cluster, is deleted."""
+        if not self.path.exists():
+            return
+        if self.record() is None:
+            raise UserError(
+                f"{self.path} is not a haflow state directory (it has no {RECORD_FILE}); refusing to delete it. "
+                "Check --state-dir and HAFLOW_STATE_DIR; a state directory of an older haflow gets its record "
+                "from one `haflow up`")
+        self.check_owner(spec, source)
+
