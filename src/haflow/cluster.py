@@ -41,6 +41,7 @@ BALANCER_TIMEOUT_S = 30
 AIRFLOW_TIMEOUT_S = 180
 EXAMPLE_DAG = "haflow_example"
 EXAMPLE_TIMEOUT_S = 300
+ROLLING_GATE_TIMEOUT_S = 180  # a restarted member must be back in its layer within this
 
 
 def _quiet(_: str) -> None:
@@ -93,7 +94,7 @@ class Cluster:
         state = DesiredState()
         state.extend(etcd.render(self.facts, n, layout))
         state.extend(patroni.render(self.facts, n, layout, self.secrets))
-        state.extend(haproxy.render(self.facts, n, layout))
+        state.extend(haproxy.render(self.facts, n, layout, self.secrets))
         state.extend(rabbitmq.render(self.facts, n, layout, self.secrets))
         state.extend(airflow.render(self.facts, n, layout, self.secrets))
         return state
@@ -105,8 +106,10 @@ class Cluster:
         smoke: run the example DAG at the end (None: only if something changed)."""
         t0 = time.monotonic()
         changed: list[str] = []
+        # first: refuse another cluster's directory, record ours (and fix its mode before any
+        # path decision is made from it)
+        self.state.claim(self.spec, self.source)
         self._preflight()  # cheap, and bad input must fail before anything is installed
-        self.state.claim(self.spec, self.source)  # refuses another cluster's directory, records ours
         changed += self.ensure_secrets()
         changed += self.ensure_prerequisites()
         for node in self.removed_nodes_running():
@@ -154,12 +157,16 @@ class Cluster:
 
     def _up_dcs(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting etcd")
-        changed += self._ensure_service(etcd.NAME, [n.name for n in self.facts.etcd_members], file_changes)
+        changed += self._ensure_service(etcd.NAME, [n.name for n in self.facts.etcd_members], file_changes,
+                                        gate=("etcd quorum", lambda: etcd.probe(self.facts)),
+                                        last=etcd.leader_name(self.facts, timeout=1.0))
         self._wait("etcd quorum (all members healthy, a leader)", ETCD_TIMEOUT_S, lambda: etcd.probe(self.facts))
 
     def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> dict[str, Any]:
         self.say("starting Patroni")
-        changed += self._ensure_service(patroni.NAME, self.facts.node_names, file_changes, reload_signal="HUP")
+        changed += self._ensure_service(patroni.NAME, self.facts.node_names, file_changes, reload_signal="HUP",
+                                        gate=("database", lambda: patroni.probe(self.facts)),
+                                        last=patroni.probe(self.facts)["leader"])
         db = self._wait(
             f"database (a leader, {len(self.facts.nodes) - 1} streaming replicas"
             + (", a synchronous standby)" if self.spec.database.synchronous_mode else ")"),
@@ -169,22 +176,52 @@ class Cluster:
         patch = patroni.reconcile_dynamic_config(self.facts, self.secrets, self.facts.node(db["leader"]))
         if patch:
             changed.append(f"updated Patroni's cluster config: {', '.join(sorted(_flat_keys(patch)))}")
-        return db
+        changed += self._roll_postgres_restarts(wait_s=self.spec.database.loop_wait + 5 if "postgresql" in patch else 0)
+        return patroni.probe(self.facts)
+
+    def _roll_postgres_restarts(self, wait_s: float) -> list[str]:
+        """PostgreSQL parameters that need a restart: replicas one by one, then the primary's
+        node after a switchover to its synchronous standby, each behind the database gate, so
+        writes continue through the balancers. Patroni flags pending restarts at its next loop:
+        after a parameter change, wait up to `wait_s` for the flags."""
+        deadline = time.monotonic() + wait_s
+        pending = set(patroni.pending_restart(self.facts))
+        while time.monotonic() < deadline:  # every member flags it in its own loop: collect them all
+            time.sleep(1)
+            pending |= set(patroni.pending_restart(self.facts))
+        done = []
+        leader = patroni.probe(self.facts)["leader"]
+        for node in sorted(pending, key=lambda n: n == leader):
+            if node == leader:
+                moved = self.switchover()
+                done.append(f"switched the primary from {moved['from']} to {moved['to']} to restart {node}")
+                self._wait("database after the switchover", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(self.facts))
+                if node not in patroni.pending_restart(self.facts):  # the demotion restarted it already
+                    done.append(f"{node}: restarted PostgreSQL for a changed parameter (as it was demoted)")
+                    continue
+            self.say(f"{node}: restarting PostgreSQL (a changed parameter needs it)")
+            patroni.restart_postgres(self.facts, self.secrets, node)
+            self._wait(f"database after restarting PostgreSQL on {node}", ROLLING_GATE_TIMEOUT_S,
+                       lambda: patroni.probe(self.facts))
+            done.append(f"{node}: restarted PostgreSQL for a changed parameter")
+        return done
 
     def _up_balancers(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting HAProxy")
-        changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes)
+        changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes, gate=(
+            "balancers", lambda: haproxy.probe(self.facts, self.secrets, patroni.probe(self.facts)["leader"])))
         self._wait(
             "balancers (every node's primary port routes to the leader)",
             BALANCER_TIMEOUT_S,
-            lambda: haproxy.probe(self.facts, patroni.probe(self.facts)["leader"]),
+            lambda: haproxy.probe(self.facts, self.secrets, patroni.probe(self.facts)["leader"]),
         )
 
     def _up_broker(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting RabbitMQ (epmd first)")
         if self.host.start(HOST, rabbitmq.EPMD):
             changed.append("started epmd")
-        changed += self._ensure_service(rabbitmq.NAME, self.facts.node_names, file_changes)
+        changed += self._ensure_service(rabbitmq.NAME, self.facts.node_names, file_changes,
+                                        gate=("broker", lambda: rabbitmq.probe(self.facts, self.secrets)))
         self._wait(f"broker ({len(self.facts.nodes)} RabbitMQ nodes running in one cluster, no alarms)",
                    BROKER_TIMEOUT_S, lambda: rabbitmq.probe(self.facts, self.secrets))
 
@@ -193,13 +230,13 @@ class Cluster:
         changed += self.push_dags()
         self._migrate_airflow_db(changed)
         self.say("starting Airflow api-servers")
-        changed += self._ensure_service(airflow.API, nodes, file_changes)
+        changed += self._ensure_service(airflow.API, nodes, file_changes, gate=("api-servers", self._api_servers_probe))
         self._wait("api-servers (every node's /api/v2/monitor/health answers)", AIRFLOW_TIMEOUT_S, self._api_servers_probe)
         self.say("starting schedulers, dag-processor candidates, triggerers")
         for service in (airflow.SCHEDULER, airflow.DAG_PROCESSOR, airflow.TRIGGERER):
-            changed += self._ensure_service(service, nodes, file_changes)
+            changed += self._ensure_service(service, nodes, file_changes, gate=("Airflow", self.airflow_probe))
         self.say("starting Celery workers")
-        changed += self._ensure_service(airflow.WORKER, nodes, file_changes)
+        changed += self._ensure_service(airflow.WORKER, nodes, file_changes, gate=("Airflow", self.airflow_probe))
         self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)",
                    AIRFLOW_TIMEOUT_S, lambda: self.airflow_probe())
 
@@ -348,21 +385,30 @@ class Cluster:
         return changed
 
     def _ensure_service(
-        self, service: str, nodes: list[str], file_changes: dict[str, list[Path]], reload_signal: str | None = None
+        self, service: str, nodes: list[str], file_changes: dict[str, list[Path]], reload_signal: str | None = None,
+        gate: tuple[str, Callable[[], dict[str, Any]]] | None = None, last: str | None = None,
     ) -> list[str]:
+        """Start the service where it is not running; where its config changed, reload it, or
+        restart it one node at a time (the `last` node, e.g. the leader, at the end), waiting
+        for the layer's `gate` after each restart, so a config change never takes a layer down."""
         done = []
+        stale = []
         for node in nodes:
             spec = self._services[node][service]  # rendered once per `up` by _apply_all
-            stale = any(p in spec.restart_files for p in file_changes.get(node, []))
             if self.host.start(node, service):
                 done.append(f"{node}: started {service}")
-            elif stale:
-                if reload_signal:
-                    self.host.signal(node, service, getattr(signal, f"SIG{reload_signal}"))
-                    done.append(f"{node}: reloaded {service}")
-                else:
-                    self.host.restart(node, service)
-                    done.append(f"{node}: restarted {service}")
+            elif any(p in spec.restart_files for p in file_changes.get(node, [])) or service in self.host.stale_services(node):
+                stale.append(node)
+        for node in sorted(stale, key=lambda n: n == last):
+            if reload_signal and service not in self.host.stale_services(node):
+                self.host.signal(node, service, getattr(signal, f"SIG{reload_signal}"))
+                done.append(f"{node}: reloaded {service}")
+                continue
+            self.say(f"{node}: restarting {service} (its configuration changed)")
+            self.host.restart(node, service)
+            done.append(f"{node}: restarted {service}")
+            if gate:
+                self._wait(f"{gate[0]} after restarting {service} on {node}", ROLLING_GATE_TIMEOUT_S, gate[1])
         return done
 
     def _wait(self, what: str, timeout: float, probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -450,7 +496,7 @@ class Cluster:
         patroni.request_switchover(self.facts, self.secrets, leader, candidate)
 
         def routed() -> dict[str, Any]:
-            lb = haproxy.probe(self.facts, candidate)
+            lb = haproxy.probe(self.facts, self.secrets, candidate)
             return {**lb, "healthy": lb["healthy"] and patroni.probe(self.facts)["leader"] == candidate}
 
         self._wait(f"every balancer to route to {candidate}", timeout, routed)

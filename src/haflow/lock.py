@@ -24,7 +24,7 @@ class Busy(HaflowError):
 
 @contextmanager
 def exclusive(state_dir: Path, command: str) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -30,6 +30,7 @@ ACCOUNTS: dict[str, str] = {
     "rabbitmq_admin": "admin",
     "rabbitmq_airflow": "airflow",
     "airflow_admin": "admin",
+    "haproxy_stats": "haflow",
 }
 
 

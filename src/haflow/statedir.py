@@ -104,6 +104,11 @@ class StateDir:
             if self.path.exists() and not self.path.is_dir():
                 raise UserError(f"{self.path} is not a directory; choose another --state-dir")
             rec = Record(cluster=spec.cluster, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            if not (self.path / NODES_DIR).exists():
+                # a new cluster: data, logs and secrets for its owner only. (An older cluster keeps
+                # its mode: its database may live inside, reached by the postgres user.)
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.path.chmod(0o700)
         else:
             problems = self._unchangeable(rec, spec)
             if problems:
@@ -132,8 +137,7 @@ class StateDir:
         return problems
 
     def save(self, rec: Record) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.path.chmod(0o700)  # data, logs and secrets of the cluster: its owner only
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(self.record_path, rec.to_json(), 0o600)
 
     def record_secrets(self, names: list[str]) -> None:

@@ -20,7 +20,11 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
             {"node": n.name, "address": n.address, "supervisor": cluster.host.node_up(n.name)} for n in facts.nodes
         ]
         dcs, database = dcs_f.result(), db_f.result()
-    balancer = haproxy.probe(facts, database["leader"])
+    balancer = haproxy.probe(facts, secrets, database["leader"]) if secrets else {
+        "healthy": False, "endpoints": {"postgres_primary": facts.pg_primary_endpoints, "postgres_replicas": facts.pg_replica_endpoints,
+                                        "amqp": facts.amqp_endpoints, "api": facts.api_urls},
+        "members": [{"node": n, "healthy": False, "primary_up": [], "replicas_up": [], "amqp_up": [], "api_up": [],
+                     "reason": "cluster not created yet"} for n in facts.node_names]}
     airflow_layer = cluster.airflow_probe() if secrets else {
         "healthy": False, "api_servers": [], "schedulers": [], "triggerers": [], "dag_processors": [],
         "dag_processor_holder": None, "workers": [], "endpoints": {"api": facts.api_urls},

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import psycopg
@@ -125,6 +126,86 @@ def test_airflow_role_and_database_exist(env):
 def test_second_up_changes_nothing(env):
     r = haflow(env, "up", "--json")
     assert json.loads(r.stdout)["up"]["changed"] == []
+
+
+def pids(cluster: Cluster) -> set[tuple[int, float]]:
+    return {(r.pid, r.create_time) for n in cluster.facts.node_names for r in cluster.host.processes(n)}
+
+
+def test_a_second_spec_on_the_same_state_directory_leaves_the_cluster_untouched(env):
+    staging = yaml.safe_load(env["spec"].read_text())
+    staging["cluster"] = "staging"
+    path = env["root"] / "staging.yaml"  # side by side: the same .haflow
+    path.write_text(yaml.safe_dump(staging))
+    before = pids(env["cluster"])
+    configs = {p: p.read_bytes() for p in (env["root"] / ".haflow" / "nodes").rglob("*.cfg")}
+    for cmd in (["up"], ["down"], ["down", "--purge", "--yes"], ["switchover"]):
+        r = subprocess.run([*HAFLOW, *cmd, "-f", str(path)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "'itest'" in r.stderr and "'staging'" in r.stderr, (cmd, r.stderr)
+    assert pids(env["cluster"]) == before
+    assert {p: p.read_bytes() for p in configs} == configs
+    assert status(env)["healthy"] is True
+
+
+@pytest.mark.parametrize("damage", ["delete", "empty", "truncate"])
+def test_lost_secrets_exit_2_and_the_cluster_keeps_its_passwords(env, damage):
+    path = env["root"] / ".haflow" / "secrets.yaml"
+    saved = path.read_bytes()
+    try:
+        if damage == "delete":
+            path.unlink()
+        else:
+            path.write_bytes(b"" if damage == "empty" else saved[: len(saved) // 2])
+        damaged = path.read_bytes() if path.exists() else None
+        for cmd in (["up"], ["status"], ["secrets", "show"]):
+            r = haflow(env, *cmd, check=False)
+            assert r.returncode == 2 and "restore" in r.stderr and "--regenerate-secrets" in r.stderr, (cmd, r.stderr)
+        assert (path.read_bytes() if path.exists() else None) == damaged  # never rewritten
+    finally:
+        path.write_bytes(saved)
+        path.chmod(0o600)
+    su = SimpleNamespace(**yaml.safe_load(saved)["postgres_superuser"])
+    ((one,),) = query(env["cluster"].facts.nodes[0].pg_primary, su, "SELECT 1")
+    assert one == 1 and status(env)["healthy"] is True
+
+
+def test_the_stats_page_asks_for_a_password(env):
+    import httpx
+
+    url = env["cluster"].facts.nodes[0].haproxy_stats_url
+    assert httpx.get(url, timeout=3).status_code == 401
+    stats = env["cluster"].secrets["haproxy_stats"]
+    assert httpx.get(url, auth=(stats.username, stats.password), timeout=3).status_code == 200
+
+
+def test_a_parameter_that_needs_a_restart_rolls_node_by_node_under_writes(env):
+    cluster: Cluster = env["cluster"]
+    facts = cluster.facts
+    etcd_before = {(r.pid, r.create_time) for n in facts.node_names for r in cluster.host.processes(n) if "etcd" in " ".join(r.process().cmdline())}
+    data = yaml.safe_load(env["spec"].read_text())
+    data["database"]["parameters"]["max_connections"] = 210
+    env["spec"].write_text(yaml.safe_dump(data))
+    su = superuser(env)
+    writer = Writer([n.pg_primary for n in facts.nodes], su.username, su.password, "postgres", run_id=5)
+    writer.ensure_table()
+    writer.start()
+    try:
+        r = haflow(env, "up", "--json", "--no-smoke")
+    finally:
+        log = writer.stop()
+    changed = json.loads(r.stdout)["up"]["changed"]
+    restarted = [c for c in changed if "restarted PostgreSQL" in c]
+    assert len(restarted) == 3, changed
+    assert any(c.startswith("switched the primary") for c in changed), changed
+    assert changed.index(restarted[-1]) > next(i for i, c in enumerate(changed) if c.startswith("switched the primary"))
+    for n in facts.nodes:
+        ((value,),) = query(n.postgres, su, "SHOW max_connections")
+        assert value == "210", n.name
+    assert lost_writes(log, facts.nodes[0].pg_primary, su.username, su.password, "postgres") == []
+    assert len(log.acknowledged) > 0
+    still = {(r.pid, r.create_time) for n in facts.node_names for r in cluster.host.processes(n) if r.alive() and "etcd" in " ".join(r.process().cmdline())}
+    assert etcd_before <= still  # other layers were not restarted
+    assert json.loads(haflow(env, "up", "--json", "--no-smoke").stdout)["up"]["changed"] == []
 
 
 def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_writes(env):

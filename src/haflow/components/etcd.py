@@ -14,6 +14,12 @@ from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 NAME = "etcd"
 BINARY = "etcd"
 MIN_CLUSTER_VERSION = (3, 4)  # Debian 12 ships 3.4; Patroni needs >= 3.1 for watches
+# Every Patroni loop writes its member key and the leader key, each write a new revision: with
+# no compaction the database grows until etcd raises NOSPACE and refuses writes, and Patroni can
+# no longer hold its leader key. Revisions older than COMPACTION_RETENTION are dropped; the
+# quota is far above what a compacted cluster uses (a few MiB) and far below the disk.
+COMPACTION_RETENTION = "10m"
+QUOTA_BYTES = 1024**3
 
 
 def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, Any]:
@@ -33,6 +39,9 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str
         # Patroni's etcd3 client and our probes use the JSON gateway under /v3. The flag
         # defaults to on, but a config file leaves every unlisted bool off.
         "enable-grpc-gateway": True,
+        "auto-compaction-mode": "periodic",
+        "auto-compaction-retention": COMPACTION_RETENTION,
+        "quota-backend-bytes": QUOTA_BYTES,
         "logger": "zap",
         "log-outputs": ["stderr"],
         "log-level": "warn",
@@ -107,12 +116,35 @@ def _version_tuple(v: str | None) -> tuple[int, ...]:
         return ()
 
 
+def alarms(facts: ClusterFacts, timeout: float = 2.0) -> list[str] | None:
+    """Raised alarms as "NODE: NOSPACE" lines (asked of the first member that answers)."""
+    names = {}
+    for node in facts.etcd_members:
+        status = _post(node, "/v3/maintenance/status", timeout)
+        if status:
+            names[status.get("header", {}).get("member_id")] = node.name
+    for node in facts.etcd_members:
+        got = _post_body(node, "/v3/maintenance/alarm", {"action": "GET"}, timeout)
+        if got is not None:
+            return [f"{names.get(a.get('memberID'), a.get('memberID'))}: {a.get('alarm')}" for a in got.get("alarms") or []]
+    return None
+
+
 def probe(facts: ClusterFacts) -> dict[str, Any]:
-    """Layer status: `{"healthy", "leader", "cluster_version", "members": [{"node", "healthy"}]}`."""
-    members = [{"node": n.name, "healthy": member_health(n)} for n in facts.etcd_members]
+    """Layer status: `{"healthy", "leader", "cluster_version", "quota_bytes", "alarms",
+    "members": [{"node", "healthy", "db_size_bytes"}]}`."""
+    members = []
+    for n in facts.etcd_members:
+        status = _post(n, "/v3/maintenance/status", 2.0)
+        size = (status or {}).get("dbSize")
+        members.append({"node": n.name, "healthy": member_health(n), "db_size_bytes": int(size) if size else None})
     leader = leader_name(facts)
     version = cluster_version(facts)
-    problems = []
+    raised = alarms(facts) or []
+    problems = [f"etcd alarm {a} (NOSPACE: compact and defragment, then `etcdctl alarm disarm`)" for a in raised]
+    big = [m["node"] for m in members if m["db_size_bytes"] and m["db_size_bytes"] > QUOTA_BYTES * 0.8]
+    if big:
+        problems.append(f"etcd database above 80 % of its {QUOTA_BYTES} byte quota on {', '.join(big)}")
     if leader is None:
         problems.append("no etcd leader (quorum lost?)")
     bad = [m["node"] for m in members if not m["healthy"]]
@@ -120,7 +152,8 @@ def probe(facts: ClusterFacts) -> dict[str, Any]:
         problems.append(f"etcd member(s) not healthy: {', '.join(bad)}")
     if _version_tuple(version) < MIN_CLUSTER_VERSION:
         problems.append(f"etcd cluster version {version or 'undecided'} (waiting for >= 3.4)")
-    return {"healthy": not problems, "leader": leader, "cluster_version": version, "members": members, "problems": problems}
+    return {"healthy": not problems, "leader": leader, "cluster_version": version, "quota_bytes": QUOTA_BYTES,
+            "alarms": raised, "members": members, "problems": problems}
 
 
 def move_leader_away(facts: ClusterFacts, avoid: str, timeout: float = 3.0) -> str | None:

@@ -12,6 +12,7 @@ import httpx
 from haflow.components.base import DesiredState, File, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.rendering import render_template
+from haflow.secrets import Secrets
 
 NAME = "haproxy"
 BINARY = "haproxy"
@@ -21,8 +22,9 @@ AMQP_PROXY = "rabbitmq_amqp"
 API_PROXY = "airflow_api"
 
 
-def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str:
+def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> str:
     b = facts.spec.balancer
+    stats = secrets["haproxy_stats"]
     return render_template(
         "haproxy.cfg.j2",
         cluster=facts.name,
@@ -34,13 +36,14 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str
         inter=f"{b.check_interval_ms}ms",
         fall=b.fall,
         rise=b.rise,
+        stats_auth=f"{stats.username}:{stats.password}",
     )
 
 
-def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> DesiredState:
+def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
     conf = layout.root / "haproxy.cfg"
     return DesiredState(
-        files=[File(conf, config_text(facts, node, layout), 0o644)],
+        files=[File(conf, config_text(facts, node, layout, secrets), 0o600)],  # holds the stats password
         services=[
             Service(
                 name=NAME,
@@ -57,10 +60,11 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> DesiredS
 # --- probes -----------------------------------------------------------------------------------
 
 
-def server_states(node: NodeFacts, timeout: float = 2.0) -> dict[str, dict[str, str]] | None:
+def server_states(node: NodeFacts, secrets: Secrets, timeout: float = 2.0) -> dict[str, dict[str, str]] | None:
     """{proxy: {server: "UP"|"DOWN"|...}} from the node's stats page, None if it does not answer."""
+    stats = secrets["haproxy_stats"]
     try:
-        r = httpx.get(f"{node.haproxy_stats_url};csv", timeout=timeout)
+        r = httpx.get(f"{node.haproxy_stats_url};csv", auth=(stats.username, stats.password), timeout=timeout)
         if r.status_code != 200:
             return None
     except httpx.HTTPError:
@@ -77,11 +81,11 @@ def up_servers(states: dict[str, dict[str, str]], proxy: str) -> list[str]:
     return sorted(s for s, st in states.get(proxy, {}).items() if st == "UP")
 
 
-def probe(facts: ClusterFacts, leader: str | None) -> dict[str, Any]:
+def probe(facts: ClusterFacts, secrets: Secrets, leader: str | None) -> dict[str, Any]:
     """Layer status: each node's balancer must route its primary port to exactly the leader."""
     members = []
     for node in facts.nodes:
-        states = server_states(node)
+        states = server_states(node, secrets)
         if states is None:
             members.append({"node": node.name, "healthy": False, "primary_up": [], "replicas_up": [], "amqp_up": [],
                             "api_up": [], "reason": "not answering"})

@@ -299,6 +299,21 @@ def switchover_plan(facts: ClusterFacts, to: str | None) -> tuple[str, str]:
     return leader, candidate
 
 
+def restart_postgres(facts: ClusterFacts, secrets: Secrets, node: str) -> None:
+    """Restart one member's PostgreSQL through Patroni (only if a parameter change awaits it)."""
+    auth = (secrets["patroni_restapi"].username, secrets["patroni_restapi"].password)
+    r = httpx.post(f"{facts.node(node).patroni_api_url}/restart", json={"restart_pending": True}, auth=auth, timeout=120)
+    if r.status_code not in (200, 202):
+        from haflow.errors import HaflowError
+
+        raise HaflowError(f"{node}: Patroni could not restart PostgreSQL ({r.status_code}): {r.text.strip()}; "
+                          "data is kept, re-run `haflow up`")
+
+
+def pending_restart(facts: ClusterFacts) -> list[str]:
+    return [m["node"] for m in probe(facts)["members"] if m["pending_restart"]]
+
+
 def request_switchover(facts: ClusterFacts, secrets: Secrets, leader: str, candidate: str) -> None:
     auth = (secrets["patroni_restapi"].username, secrets["patroni_restapi"].password)
     node = facts.node(leader)

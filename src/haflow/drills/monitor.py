@@ -27,7 +27,7 @@ def _routes(cluster: Cluster) -> str | None:
     """The one node every answering balancer routes the primary port to, or None if they differ."""
     targets = set()
     for node in cluster.facts.nodes:
-        states = haproxy.server_states(node, timeout=1.0)
+        states = haproxy.server_states(node, cluster.secrets, timeout=1.0)
         if states is not None:
             up = haproxy.up_servers(states, haproxy.PRIMARY_PROXY)
             targets.add(up[0] if len(up) == 1 else None)

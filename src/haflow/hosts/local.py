@@ -237,17 +237,37 @@ class LocalHost:
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def _sync_programs(self, node: str) -> None:
-        """Apply a changed supervisord.conf: add new programs, replace changed ones, drop removed ones."""
+        """Apply a changed supervisord.conf: add new programs, drop removed ones, and take the new
+        definition of changed ones that are not running. A changed program that runs keeps
+        running on its old definition until orchestration restarts it (`stale_services`), one
+        node at a time: a config change must never stop a service on every node at once."""
         rpc = self._rpc(node)
         added, changed, removed = rpc.supervisor.reloadConfig()[0]
-        for name in removed + changed:
+        for name in removed:
             try:
                 rpc.supervisor.stopProcessGroup(name)
             except xmlrpc.client.Fault:
                 pass
             rpc.supervisor.removeProcessGroup(name)
-        for name in added + changed:
+        for name in changed:
+            if not self.service_running(node, name):
+                self._replace_program(node, name)
+        for name in added:
             rpc.supervisor.addProcessGroup(name)
+
+    def _replace_program(self, node: str, name: str) -> None:
+        rpc = self._rpc(node)
+        rpc.supervisor.removeProcessGroup(name)
+        rpc.supervisor.addProcessGroup(name)
+
+    def stale_services(self, node: str) -> list[str]:
+        """Running services whose definition (argv, env, user) changed since they started."""
+        if not self.agent(node):
+            return []
+        try:
+            return list(self._rpc(node).supervisor.reloadConfig()[0][1])
+        except (OSError, xmlrpc.client.Error):
+            return []
 
     def stop_agent(self, node: str, timeout: float = 30.0) -> None:
         agent = self.agent(node)
@@ -297,7 +317,11 @@ class LocalHost:
                 raise HaflowError(f"{node}: could not stop {service}: {e.faultString}") from None
 
     def restart(self, node: str, service: str) -> None:
+        """Stop, take the service's current definition, start."""
+        stale = service in self.stale_services(node)
         self.stop(node, service)
+        if stale:
+            self._replace_program(node, service)
         self.start(node, service)
 
     def signal(self, node: str, service: str, sig: int) -> bool:
