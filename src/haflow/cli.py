@@ -28,7 +28,7 @@ from haflow.errors import HaflowError, UserError
 from haflow.secrets import BREAKS
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.fsutil import atomic_write
-from haflow.spec import check_paths, default_spec_text, load_spec
+from haflow.spec import Spec, check_paths, default_spec_text, load_spec
 from haflow.statedir import StateDir
 
 out = Console(soft_wrap=True)
@@ -74,14 +74,21 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[str], None] | None = None,
-                 regenerate_secrets: bool = False) -> Cluster:
+def load_checked(spec_file: Path | None, state_dir: Path | None) -> tuple[Spec, Path | None, Path, str]:
+    """The spec, its folder, the state directory and how errors name the spec; the paths the
+    spec names are checked (exit 2) before anything else happens."""
     spec = load_spec(spec_file)
     spec_dir = spec_file.parent.absolute() if spec_file else None
     state = resolve_state_dir(spec_file, state_dir)
     check_paths(spec, spec_dir, state)
-    return Cluster(spec, state, say or (lambda _: None), spec_dir=spec_dir,
-                   source=str(spec_file) if spec_file else "the embedded default spec", regenerate_secrets=regenerate_secrets)
+    return spec, spec_dir, state, str(spec_file) if spec_file else "the embedded default spec"
+
+
+def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[str], None] | None = None,
+                 regenerate_secrets: bool = False) -> Cluster:
+    spec, spec_dir, state, source = load_checked(spec_file, state_dir)
+    return Cluster(spec, state, say or (lambda _: None), spec_dir=spec_dir, source=source,
+                   regenerate_secrets=regenerate_secrets)
 
 
 def locked(cluster: Cluster, command: str) -> contextlib.AbstractContextManager[None]:
@@ -129,25 +136,17 @@ def init(path: Path, force: bool) -> None:
 def validate(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """Check a spec offline and change nothing: exit 0 if valid, 2 with one line per problem."""
     try:
-        cluster_name = check_spec(spec_file, resolve_state_dir(spec_file, state_dir))
+        spec, _, state, source = load_checked(spec_file, state_dir)
+        StateDir(state).check_owner(spec, source)  # the directory, if any, holds this cluster
     except UserError as e:
         if not as_json:
             raise
         out.print_json(json.dumps({"valid": False, "cluster": None, "problems": [e.message, *e.details]}))
         sys.exit(2)
     if as_json:
-        out.print_json(json.dumps({"valid": True, "cluster": cluster_name, "problems": []}))
+        out.print_json(json.dumps({"valid": True, "cluster": spec.cluster, "problems": []}))
     else:
-        out.print(f"{spec_file or 'the embedded default spec'}: valid (cluster {cluster_name})")
-
-
-def check_spec(spec_file: Path | None, state_dir: Path) -> str:
-    """Everything `validate` checks: the spec, the paths it names, and that the state directory
-    (if any) holds this cluster. Reads only."""
-    spec = load_spec(spec_file)
-    check_paths(spec, spec_file.parent.absolute() if spec_file else None, state_dir)
-    StateDir(state_dir).check_owner(spec, str(spec_file) if spec_file else "the embedded default spec")
-    return spec.cluster
+        out.print(f"{source}: valid (cluster {spec.cluster})")
 
 
 @cli.command()

@@ -8,6 +8,7 @@ Stop: HAProxy -> Patroni replicas -> Patroni leader -> etcd followers -> etcd le
 
 from __future__ import annotations
 
+import functools
 import signal
 import shutil
 import time
@@ -63,19 +64,18 @@ class Cluster:
         self.regenerate_secrets = regenerate_secrets
         self._secrets: Secrets | None = None
         self._services: dict[str, dict[str, Service]] = {}
+        self._stale: dict[str, set[str]] = {}  # per node: running services whose definition changed
 
     @property
     def secrets(self) -> Secrets:
         """The cluster's secrets; an existing cluster whose secrets are gone is an error (exit 2)."""
         if self._secrets is None:
-            rec = self.state.record()
-            self._secrets = Secrets.load(self.state_dir, set(rec.secrets) if rec else set(), self.state.has_cluster_data())
+            self._secrets = Secrets.load(self.state_dir, self.state.generated_secrets(), self.state.has_cluster_data())
         return self._secrets
 
     def ensure_secrets(self) -> list[str]:
         """Generate the secrets never generated for this cluster; record their names."""
-        rec = self.state.record()
-        self._secrets, new = Secrets.ensure(self.state_dir, set(rec.secrets) if rec else set(),
+        self._secrets, new = Secrets.ensure(self.state_dir, self.state.generated_secrets(),
                                             self.state.has_cluster_data(), self.regenerate_secrets)
         self.state.record_secrets(self._secrets.names())
         return [f"generated secrets: {', '.join(new)} (stored 0600 in {self.state_dir / SECRETS_FILE})"] if new else []
@@ -153,14 +153,15 @@ class Cluster:
         for node in [HOST, *self.facts.node_names]:
             if self.host.ensure_agent(node):
                 changed.append(f"{node}: started supervisor")
+            self._stale[node] = set(self.host.stale_services(node))  # asked once per `up`
         return file_changes
 
     def _up_dcs(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting etcd")
+        quorum = functools.partial(etcd.probe, self.facts)
         changed += self._ensure_service(etcd.NAME, [n.name for n in self.facts.etcd_members], file_changes,
-                                        gate=("etcd quorum", lambda: etcd.probe(self.facts)),
-                                        last=etcd.leader_name(self.facts, timeout=1.0))
-        self._wait("etcd quorum (all members healthy, a leader)", ETCD_TIMEOUT_S, lambda: etcd.probe(self.facts))
+                                        gate=("etcd quorum", quorum), last=etcd.leader_name(self.facts, timeout=1.0))
+        self._wait("etcd quorum (all members healthy, a leader)", ETCD_TIMEOUT_S, quorum)
 
     def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> dict[str, Any]:
         self.say("starting Patroni")
@@ -176,8 +177,9 @@ class Cluster:
         patch = patroni.reconcile_dynamic_config(self.facts, self.secrets, self.facts.node(db["leader"]))
         if patch:
             changed.append(f"updated Patroni's cluster config: {', '.join(sorted(_flat_keys(patch)))}")
-        changed += self._roll_postgres_restarts(wait_s=self.spec.database.loop_wait + 5 if "postgresql" in patch else 0)
-        return patroni.probe(self.facts)
+        rolled = self._roll_postgres_restarts(wait_s=self.spec.database.loop_wait + 5 if "postgresql" in patch else 0)
+        changed += rolled
+        return patroni.probe(self.facts) if rolled else db  # a roll moves the primary
 
     def _roll_postgres_restarts(self, wait_s: float) -> list[str]:
         """PostgreSQL parameters that need a restart: replicas one by one, then the primary's
@@ -185,18 +187,20 @@ class Cluster:
         writes continue through the balancers. Patroni flags pending restarts at its next loop:
         after a parameter change, wait up to `wait_s` for the flags."""
         deadline = time.monotonic() + wait_s
-        pending = set(patroni.pending_restart(self.facts))
+        db = patroni.probe(self.facts)
+        pending = set(patroni.pending_restart(db))
         while time.monotonic() < deadline:  # every member flags it in its own loop: collect them all
             time.sleep(1)
-            pending |= set(patroni.pending_restart(self.facts))
+            db = patroni.probe(self.facts)
+            pending |= set(patroni.pending_restart(db))
         done = []
-        leader = patroni.probe(self.facts)["leader"]
+        leader = db["leader"]
         for node in sorted(pending, key=lambda n: n == leader):
             if node == leader:
                 moved = self.switchover()
                 done.append(f"switched the primary from {moved['from']} to {moved['to']} to restart {node}")
                 self._wait("database after the switchover", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(self.facts))
-                if node not in patroni.pending_restart(self.facts):  # the demotion restarted it already
+                if node not in patroni.pending_restart(patroni.probe(self.facts)):  # the demotion restarted it already
                     done.append(f"{node}: restarted PostgreSQL for a changed parameter (as it was demoted)")
                     continue
             self.say(f"{node}: restarting PostgreSQL (a changed parameter needs it)")
@@ -208,22 +212,20 @@ class Cluster:
 
     def _up_balancers(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting HAProxy")
-        changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes, gate=(
-            "balancers", lambda: haproxy.probe(self.facts, self.secrets, patroni.probe(self.facts)["leader"])))
-        self._wait(
-            "balancers (every node's primary port routes to the leader)",
-            BALANCER_TIMEOUT_S,
-            lambda: haproxy.probe(self.facts, self.secrets, patroni.probe(self.facts)["leader"]),
-        )
+        def routed() -> dict[str, Any]:
+            return haproxy.probe(self.facts, self.secrets, patroni.probe(self.facts)["leader"])
+
+        changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes, gate=("balancers", routed))
+        self._wait("balancers (every node's primary port routes to the leader)", BALANCER_TIMEOUT_S, routed)
 
     def _up_broker(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting RabbitMQ (epmd first)")
         if self.host.start(HOST, rabbitmq.EPMD):
             changed.append("started epmd")
-        changed += self._ensure_service(rabbitmq.NAME, self.facts.node_names, file_changes,
-                                        gate=("broker", lambda: rabbitmq.probe(self.facts, self.secrets)))
+        broker = functools.partial(rabbitmq.probe, self.facts, self.secrets)
+        changed += self._ensure_service(rabbitmq.NAME, self.facts.node_names, file_changes, gate=("broker", broker))
         self._wait(f"broker ({len(self.facts.nodes)} RabbitMQ nodes running in one cluster, no alarms)",
-                   BROKER_TIMEOUT_S, lambda: rabbitmq.probe(self.facts, self.secrets))
+                   BROKER_TIMEOUT_S, broker)
 
     def _up_airflow(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         nodes = self.facts.node_names
@@ -397,10 +399,10 @@ class Cluster:
             spec = self._services[node][service]  # rendered once per `up` by _apply_all
             if self.host.start(node, service):
                 done.append(f"{node}: started {service}")
-            elif any(p in spec.restart_files for p in file_changes.get(node, [])) or service in self.host.stale_services(node):
+            elif any(p in spec.restart_files for p in file_changes.get(node, [])) or service in self._stale.get(node, ()):
                 stale.append(node)
         for node in sorted(stale, key=lambda n: n == last):
-            if reload_signal and service not in self.host.stale_services(node):
+            if reload_signal and service not in self._stale.get(node, ()):
                 self.host.signal(node, service, getattr(signal, f"SIG{reload_signal}"))
                 done.append(f"{node}: reloaded {service}")
                 continue

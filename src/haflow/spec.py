@@ -297,8 +297,8 @@ def cross_field_problems(data: dict[str, Any]) -> list[str]:
         problems.append(f"nodes: {len(nodes)} node(s) given; an HA cluster needs at least 3 (add nodes)")
     if len(nodes) > MAX_NODES:
         problems.append(f"nodes: {len(nodes)} nodes given; haflow runs at most {MAX_NODES}")
-    problems += _duplicates(nodes, "name", lambda v: _valid(Node.model_fields["name"], v, Node._name))
-    problems += _duplicates(nodes, "address", lambda v: _valid(Node.model_fields["address"], v, Node._address))
+    problems += _duplicates(nodes, "name", lambda v: _valid(v, Node._name))
+    problems += _duplicates(nodes, "address", lambda v: _valid(v, Node._address))
     names = [str(n.get("name")) for n in nodes]
     problems += _etcd_member_problems(etcd, names)
     ports = _valid_ports(data.get("ports"))
@@ -311,7 +311,7 @@ def cross_field_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _valid(field: Any, value: Any, validator: Any) -> Any:
+def _valid(value: Any, validator: Any) -> Any:
     """`value` as its field validator returns it, or None when it is invalid on its own."""
     if not isinstance(value, str):
         return None
@@ -412,8 +412,7 @@ SHORT = 40
 
 def _short(v: Any) -> str:
     """A value for an error line: repr'd (control characters visible), and cut to SHORT characters."""
-    text = repr(v)
-    return text if len(text) <= SHORT else text[: SHORT - 3] + "..."
+    return _cut(repr(v), SHORT)
 
 
 TYPE_NAMES = {bool: "a boolean", int: "a number", float: "a decimal number", str: "a string", list: "a list",

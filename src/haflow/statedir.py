@@ -73,6 +73,11 @@ class StateDir:
         rec = self.record()
         return bool(rec and rec.secrets) or (self.path / NODES_DIR).is_dir()
 
+    def generated_secrets(self) -> set[str]:
+        """Names of the secrets generated for the cluster here (none without a record)."""
+        rec = self.record()
+        return set(rec.secrets) if rec else set()
+
     # --- checks every command makes -----------------------------------------------------------
     def check_owner(self, spec: Spec, source: str) -> None:
         """Refuse a spec for another cluster than the one this directory holds."""

@@ -21,8 +21,7 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
         ]
         dcs, database = dcs_f.result(), db_f.result()
     balancer = haproxy.probe(facts, secrets, database["leader"]) if secrets else {
-        "healthy": False, "endpoints": {"postgres_primary": facts.pg_primary_endpoints, "postgres_replicas": facts.pg_replica_endpoints,
-                                        "amqp": facts.amqp_endpoints, "api": facts.api_urls},
+        "healthy": False, "endpoints": haproxy.endpoints(facts),
         "members": [{"node": n, "healthy": False, "primary_up": [], "replicas_up": [], "amqp_up": [], "api_up": [],
                      "reason": "cluster not created yet"} for n in facts.node_names]}
     airflow_layer = cluster.airflow_probe() if secrets else {
@@ -33,7 +32,8 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
         "healthy": False, "members": [{"node": n, "running": False, "alarms": [], "partitions": []} for n in facts.node_names],
         "quorum_queues": [], "classic_queues": [], "endpoints": {"amqp": facts.amqp_endpoints}, "problems": ["cluster not created yet"]}
     layers = {"dcs": dcs, "database": database, "balancer": balancer, "broker": broker, "airflow": airflow_layer}
-    removed = [{"node": n, "running": n in cluster.removed_nodes_running()} for n in cluster.state.removed_nodes(cluster.spec)]
+    running = cluster.removed_nodes_running()
+    removed = [{"node": n, "running": n in running} for n in cluster.state.removed_nodes(cluster.spec)]
     return {
         "cluster": facts.name,
         "healthy": all(layer["healthy"] for layer in layers.values()) and not any(r["running"] for r in removed),

@@ -116,13 +116,9 @@ def _version_tuple(v: str | None) -> tuple[int, ...]:
         return ()
 
 
-def alarms(facts: ClusterFacts, timeout: float = 2.0) -> list[str] | None:
-    """Raised alarms as "NODE: NOSPACE" lines (asked of the first member that answers)."""
-    names = {}
-    for node in facts.etcd_members:
-        status = _post(node, "/v3/maintenance/status", timeout)
-        if status:
-            names[status.get("header", {}).get("member_id")] = node.name
+def alarms(facts: ClusterFacts, names: dict[str, str], timeout: float = 2.0) -> list[str] | None:
+    """Raised alarms as "NODE: NOSPACE" lines (asked of the first member that answers);
+    `names` maps member ids to node names."""
     for node in facts.etcd_members:
         got = _post_body(node, "/v3/maintenance/alarm", {"action": "GET"}, timeout)
         if got is not None:
@@ -133,14 +129,15 @@ def alarms(facts: ClusterFacts, timeout: float = 2.0) -> list[str] | None:
 def probe(facts: ClusterFacts) -> dict[str, Any]:
     """Layer status: `{"healthy", "leader", "cluster_version", "quota_bytes", "alarms",
     "members": [{"node", "healthy", "db_size_bytes"}]}`."""
-    members = []
+    members, names = [], {}
     for n in facts.etcd_members:
-        status = _post(n, "/v3/maintenance/status", 2.0)
-        size = (status or {}).get("dbSize")
+        status = _post(n, "/v3/maintenance/status", 2.0) or {}
+        names[status.get("header", {}).get("member_id")] = n.name
+        size = status.get("dbSize")
         members.append({"node": n.name, "healthy": member_health(n), "db_size_bytes": int(size) if size else None})
     leader = leader_name(facts)
     version = cluster_version(facts)
-    raised = alarms(facts) or []
+    raised = alarms(facts, names) or []
     problems = [f"etcd alarm {a} (NOSPACE: compact and defragment, then `etcdctl alarm disarm`)" for a in raised]
     big = [m["node"] for m in members if m["db_size_bytes"] and m["db_size_bytes"] > QUOTA_BYTES * 0.8]
     if big:

@@ -103,9 +103,10 @@ def probe(facts: ClusterFacts, secrets: Secrets, leader: str | None) -> dict[str
                 "reason": None if ok else f"primary port routes to {primary or 'nothing'}",
             }
         )
-    return {
-        "healthy": all(m["healthy"] for m in members),
-        "endpoints": {"postgres_primary": facts.pg_primary_endpoints, "postgres_replicas": facts.pg_replica_endpoints,
-                      "amqp": facts.amqp_endpoints, "api": facts.api_urls},
-        "members": members,
-    }
+    return {"healthy": all(m["healthy"] for m in members), "endpoints": endpoints(facts), "members": members}
+
+
+def endpoints(facts: ClusterFacts) -> dict[str, list[str]]:
+    """What clients reach through the balancers (status --json `balancer.endpoints`)."""
+    return {"postgres_primary": facts.pg_primary_endpoints, "postgres_replicas": facts.pg_replica_endpoints,
+            "amqp": facts.amqp_endpoints, "api": facts.api_urls}

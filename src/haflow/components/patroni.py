@@ -310,8 +310,9 @@ def restart_postgres(facts: ClusterFacts, secrets: Secrets, node: str) -> None:
                           "data is kept, re-run `haflow up`")
 
 
-def pending_restart(facts: ClusterFacts) -> list[str]:
-    return [m["node"] for m in probe(facts)["members"] if m["pending_restart"]]
+def pending_restart(layer: dict[str, Any]) -> list[str]:
+    """Members of a `probe` result whose PostgreSQL awaits a restart for a changed parameter."""
+    return [m["node"] for m in layer["members"] if m["pending_restart"]]
 
 
 def request_switchover(facts: ClusterFacts, secrets: Secrets, leader: str, candidate: str) -> None:
