@@ -273,7 +273,7 @@ def main() -> None:
         cluster.down()
         cluster.kill_all()
         shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+        cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
     ha = statistics.median(results["ha_tasks_per_s"])
     single_tps = statistics.median(results["single_tasks_per_s"])

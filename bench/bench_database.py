@@ -164,7 +164,7 @@ def main() -> None:
         cluster.down()
         cluster.kill_all()
         shutil.rmtree(state_root, ignore_errors=True)
-        shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+        cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
     crash = [r for r in results["node_crash"] if "error" not in r]
     coloc = [r for r in results["node_crash_etcd_leader_colocated"] if "error" not in r]

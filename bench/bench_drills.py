@@ -89,7 +89,7 @@ def main() -> None:
         cluster.down()
         cluster.kill_all()
         shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+        cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
     results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
     reps = min(len(runs) for runs in results["runs"].values())

@@ -9,6 +9,8 @@ Stop: HAProxy -> Patroni replicas -> Patroni leader -> etcd followers -> etcd le
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import signal
 import shutil
 import time
@@ -25,6 +27,7 @@ from haflow.components import airflow, etcd, haproxy, patroni, postgres, rabbitm
 from haflow.components.base import DesiredState, Service
 from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
+from haflow.fsutil import atomic_write
 from haflow.hosts.local import LocalHost
 from haflow.procs import ProcRef, wait_gone
 from haflow.secrets import FILE_NAME as SECRETS_FILE
@@ -40,6 +43,7 @@ BROKER_TIMEOUT_S = 120
 DATABASE_TIMEOUT_S = 180
 BALANCER_TIMEOUT_S = 30
 AIRFLOW_TIMEOUT_S = 180
+APPLIED_FILE = "applied-config.json"
 EXAMPLE_DAG = "haflow_example"
 EXAMPLE_TIMEOUT_S = 300
 ROLLING_GATE_TIMEOUT_S = 180  # a restarted member must be back in its layer within this
@@ -64,6 +68,7 @@ class Cluster:
         self.regenerate_secrets = regenerate_secrets
         self._secrets: Secrets | None = None
         self._services: dict[str, dict[str, Service]] = {}
+        self._config_digests: dict[str, dict[str, str]] = {}  # per node: service -> digest of its restart files
         self._stale: dict[str, set[str]] = {}  # per node: running services whose definition changed
 
     @property
@@ -71,6 +76,7 @@ class Cluster:
         """The cluster's secrets; an existing cluster whose secrets are gone is an error (exit 2)."""
         if self._secrets is None:
             self._secrets = Secrets.load(self.state_dir, self.state.generated_secrets(), self.state.has_cluster_data())
+            etcd.use_root(self.facts, self._secrets)
         return self._secrets
 
     def ensure_secrets(self) -> list[str]:
@@ -78,6 +84,7 @@ class Cluster:
         self._secrets, new = Secrets.ensure(self.state_dir, self.state.generated_secrets(),
                                             self.state.has_cluster_data(), self.regenerate_secrets)
         self.state.record_secrets(self._secrets.names())
+        etcd.use_root(self.facts, self._secrets)
         return [f"generated secrets: {', '.join(new)} (stored 0600 in {self.state_dir / SECRETS_FILE})"] if new else []
 
     def exists(self) -> bool:
@@ -112,12 +119,18 @@ class Cluster:
         self._preflight()  # cheap, and bad input must fail before anything is installed
         changed += self.ensure_secrets()
         changed += self.ensure_prerequisites()
+        if self.host.services_run_as_root():
+            self.say("this cluster was created by an older haflow: its services keep running as root (their data "
+                     "lives in the state directory); a cluster created now runs each service as its own user")
         for node in self.removed_nodes_running():
             self.say(f"{node} is no longer in the spec but still runs; `haflow down` stops it")
             changed.append(f"{node}: not in the spec, still running (left alone; `haflow down` stops it)")
         file_changes = self._apply_all(changed)
         self._up_dcs(file_changes, changed)
         db = self._up_database(file_changes, changed)
+        # only now: every Patroni runs with its etcd login (a Patroni without one would lose its
+        # leader key the moment etcd asks for logins)
+        changed += etcd.ensure_auth(self.facts, self.secrets)
         self._up_balancers(file_changes, changed)
         self._up_broker(file_changes, changed)
         leader = self.facts.node(db["leader"])
@@ -147,9 +160,12 @@ class Cluster:
         for node in self.facts.node_names:
             desired = self.desired(node)
             self._services[node] = {s.name: s for s in desired.services}
+            contents = {f.path: f.content for f in desired.files}
+            self._config_digests[node] = {s.name: _digest([contents.get(p, "") for p in s.restart_files])
+                                          for s in desired.services}
             file_changes[node] = self.host.apply(node, desired)
             changed += [str(p) for p in file_changes[node]]
-        file_changes[HOST] = self.host.apply(HOST, rabbitmq.render_epmd(self.facts))
+        file_changes[HOST] = self.host.apply(HOST, rabbitmq.render_epmd(self.facts, self.host.layout(HOST)))
         for node in [HOST, *self.facts.node_names]:
             if self.host.ensure_agent(node):
                 changed.append(f"{node}: started supervisor")
@@ -234,6 +250,7 @@ class Cluster:
         self.say("starting Airflow api-servers")
         changed += self._ensure_service(airflow.API, nodes, file_changes, gate=("api-servers", self._api_servers_probe))
         self._wait("api-servers (every node's /api/v2/monitor/health answers)", AIRFLOW_TIMEOUT_S, self._api_servers_probe)
+        changed += self._ensure_airflow_admin()
         self.say("starting schedulers, dag-processor candidates, triggerers")
         for service in (airflow.SCHEDULER, airflow.DAG_PROCESSOR, airflow.TRIGGERER):
             changed += self._ensure_service(service, nodes, file_changes, gate=("Airflow", self.airflow_probe))
@@ -246,9 +263,27 @@ class Cluster:
         down = [n.name for n in self.facts.nodes if airflow.api_health(n) is None]
         return {"healthy": not down, "problems": [f"api-server not answering on {', '.join(down)}"] if down else []}
 
+    def _ensure_airflow_admin(self) -> list[str]:
+        """FAB: the generated admin logs in, or is created (or its password reset) so it does."""
+        if self.spec.airflow.auth_manager != "fab":
+            return []
+        node = self.facts.nodes[0]
+        if airflow.login_works(f"http://{node.api_balancer}", self.secrets):
+            return []
+        layout = self.host.layout(node.name)
+        argv, extra = airflow.admin_command(self.facts, layout, self.secrets)
+        rc, out = self.host.run(node.name, argv, {**airflow.env(self.facts, node, layout, self.secrets), **extra},
+                                timeout=300, user=layout.user("airflow"), cwd=airflow.home(layout))
+        if rc != 0:
+            tail = " | ".join(out.strip().splitlines()[-3:])
+            raise ClusterUnhealthy(f"could not create the Airflow admin (exit {rc}): {tail}; data is kept, re-run `haflow up`")
+        what = out.strip().splitlines()[-1] if out.strip() else "done"
+        return [f"Airflow admin {self.secrets['airflow_admin'].username}: {what}"]
+
     def _migrate_airflow_db(self, changed: list[str]) -> None:
-        """`airflow db migrate` once per Airflow version (it is idempotent but slow to import)."""
-        marker = self.state_dir / f"airflow-db-migrated-{self.spec.airflow.version}"
+        """`airflow db migrate` once per Airflow version and set of providers (it is idempotent
+        but slow to import)."""
+        marker = self.state_dir / f"airflow-db-migrated-{self.spec.airflow.version}-{airflow.constraints_digest(self.spec.airflow.version)}"
         if marker.exists():
             return
         self.say("migrating the Airflow database (airflow db migrate)")
@@ -256,7 +291,8 @@ class Cluster:
         layout = self.host.layout(node.name)
         venv = airflow.venv_dir(layout, self.spec.airflow.version)
         rc, out = self.host.run(node.name, [str(venv / "bin/airflow"), "db", "migrate"],
-                                airflow.env(self.facts, node, layout, self.secrets), timeout=600)
+                                airflow.env(self.facts, node, layout, self.secrets), timeout=600,
+                                user=layout.user("airflow"), cwd=airflow.home(layout))
         if rc != 0:
             tail = " | ".join(out.strip().splitlines()[-3:])
             raise ClusterUnhealthy(f"`airflow db migrate` failed (exit {rc}): {tail}; data is kept, re-run `haflow up`")
@@ -295,9 +331,10 @@ class Cluster:
         checksum = airflow.folder_checksum(bundle)
         done = []
         for node in self.facts.node_names:
-            link = airflow.dags_dir(self.host.layout(node))
+            layout = self.host.layout(node)
+            link = airflow.dags_dir(layout)
             link.parent.mkdir(parents=True, exist_ok=True)
-            if self.host.sync_folder(node, bundle, link, checksum[:12]):
+            if self.host.sync_folder(node, bundle, link, checksum[:12], owner=layout.user("airflow")):
                 done.append(f"{node}: DAGs {checksum[:12]}")
         return done
 
@@ -377,6 +414,8 @@ class Cluster:
         self.say("checking prerequisites")
         changed = [f"installed {p}" for p in prereqs.ensure_system(self.spec, self.say)]
         layout = self.host.layout(self.facts.node_names[0])
+        users = sorted({u for _, u in layout.users})
+        changed += [f"created system user {u}" for u in prereqs.ensure_service_users(users, self.say)]
         venv = patroni.venv_dir(layout, self.spec.database.patroni_version)
         if prereqs.ensure_venv(venv, [patroni.requirement(self.spec.database.patroni_version)], self.say):
             changed.append(f"built {venv}")
@@ -384,6 +423,7 @@ class Cluster:
         af_venv = airflow.venv_dir(layout, self.spec.airflow.version)
         if prereqs.ensure_venv(af_venv, airflow.requirements(self.spec.airflow.version), self.say):
             changed.append(f"built {af_venv}")
+        prereqs.check_traversable(af_venv, layout.user("airflow") or "root")
         return changed
 
     def _ensure_service(
@@ -396,22 +436,51 @@ class Cluster:
         done = []
         stale = []
         for node in nodes:
-            spec = self._services[node][service]  # rendered once per `up` by _apply_all
             if self.host.start(node, service):
                 done.append(f"{node}: started {service}")
-            elif any(p in spec.restart_files for p in file_changes.get(node, [])) or service in self._stale.get(node, ()):
+                self._record_applied(node, service)
+            elif self._config_stale(node, service, file_changes) or service in self._stale.get(node, ()):
                 stale.append(node)
         for node in sorted(stale, key=lambda n: n == last):
             if reload_signal and service not in self._stale.get(node, ()):
                 self.host.signal(node, service, getattr(signal, f"SIG{reload_signal}"))
                 done.append(f"{node}: reloaded {service}")
+                self._record_applied(node, service)
                 continue
             self.say(f"{node}: restarting {service} (its configuration changed)")
             self.host.restart(node, service)
+            self._record_applied(node, service)
             done.append(f"{node}: restarted {service}")
             if gate:
                 self._wait(f"{gate[0]} after restarting {service} on {node}", ROLLING_GATE_TIMEOUT_S, gate[1])
         return done
+
+    # What configuration each running service took, kept across runs: an `up` that failed after
+    # writing a new config but before restarting the service must still restart it next time.
+    def _applied_file(self, node: str) -> Path:
+        return self.host.layout(node).root / APPLIED_FILE
+
+    def _applied(self, node: str) -> dict[str, str]:
+        try:
+            data = json.loads(self._applied_file(node).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _record_applied(self, node: str, service: str) -> None:
+        applied = {**self._applied(node), service: self._config_digests[node][service]}
+        atomic_write(self._applied_file(node), json.dumps(applied, indent=1, sort_keys=True), 0o600)
+
+    def _config_stale(self, node: str, service: str, file_changes: dict[str, list[Path]]) -> bool:
+        """The running service took another configuration than the one on disk now. Without a
+        record (a cluster started by an older haflow): a restart file changed in this run or
+        after the service started."""
+        took = self._applied(node).get(service)
+        if took is not None:
+            return took != self._config_digests[node][service]
+        spec = self._services[node][service]
+        return (any(p in spec.restart_files for p in file_changes.get(node, []))
+                or self.host.changed_since_start(node, service, spec.restart_files))
 
     def _wait(self, what: str, timeout: float, probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         self.say(f"waiting for {what}")
@@ -527,6 +596,13 @@ class Cluster:
         killing Patroni alone would leave it running); the supervisor restarts Patroni."""
         self.facts.node(node)
         return self.host.kill_service(node, patroni.NAME) + self.host.kill_postmaster(node)
+
+
+def _digest(parts: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:

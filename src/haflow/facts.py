@@ -40,9 +40,10 @@ class NodeFacts:
 
 @dataclass(frozen=True)
 class NodeLayout:
-    """Where one node's files live and as whom its database runs; built by the host."""
+    """Where one node's files live and as whom each service runs; built by the host."""
 
-    root: Path  # config + data of this node
+    root: Path  # haflow's own files of this node (supervisor config, logs): private to haflow
+    services: Path  # each service's config and data, in a folder its own user owns (see hosts)
     db_root: Path  # what the database user reads and writes: Patroni config, PGDATA (see hosts)
     run: Path  # sockets and pid files (short path: unix sockets are limited to 107 bytes)
     logs: Path
@@ -50,10 +51,15 @@ class NodeLayout:
     db_user: str  # PostgreSQL/Patroni run as this user
     task_logs: Path  # Airflow's task log folder
     serve_task_logs: bool  # False when every node shares task_logs (one machine): no log servers
+    users: tuple[tuple[str, str], ...] = ()  # (component, system user) for services not run as haflow's user
+
+    def user(self, component: str) -> str | None:
+        """The system user a component's service runs as; None: the user haflow runs as."""
+        return dict(self.users).get(component)
 
     @property
     def etcd_data(self) -> Path:
-        return self.root / "etcd"
+        return self.services / "etcd"
 
     @property
     def pg_home(self) -> Path:
@@ -68,8 +74,12 @@ class NodeLayout:
         return self.run / "pg"
 
     @property
+    def haproxy_run(self) -> Path:
+        return self.run / "haproxy"
+
+    @property
     def haproxy_socket(self) -> Path:
-        return self.run / "haproxy.sock"
+        return self.haproxy_run / "haproxy.sock"
 
 
 class ClusterFacts:

@@ -115,6 +115,35 @@ def _disable_distro_services(packages: list[str]) -> None:
         subprocess.run(["systemctl", "disable", "--now", *units], capture_output=True)
 
 
+# Users haflow creates whose primary group is another's: the workers share Airflow's group (DAG
+# copies and task logs) but not its files.
+PRIMARY_GROUP = {"airflow-worker": "airflow"}
+
+
+def ensure_service_users(users: list[str], progress: Progress) -> list[str]:
+    """System users the services run as: the distro packages create theirs; haflow creates the
+    rest (`airflow`, `airflow-worker`), locked, without a login shell or home. Returns the users
+    created."""
+    import pwd
+
+    created = []
+    for user in sorted(users, key=lambda u: u in PRIMARY_GROUP):  # a group's owner first
+        try:
+            pwd.getpwnam(user)
+            continue
+        except KeyError:
+            pass
+        if not is_root():
+            raise UserError(f"system user {user!r} is missing; create it with: "
+                            f"sudo useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {user}")
+        progress(f"creating system user {user}")
+        group = ["--gid", PRIMARY_GROUP[user]] if user in PRIMARY_GROUP else ["--user-group"]
+        _run(["useradd", "--system", *group, "--no-create-home", "--home-dir", "/nonexistent",
+              "--shell", "/usr/sbin/nologin", "--comment", "haflow service user", user], f"create system user {user}")
+        created.append(user)
+    return created
+
+
 def ensure_venv(venv: Path, requirements: list[str], progress: Progress) -> bool:
     """Create (or repair) a runtime venv with exactly these requirements; True if built.
     A marker written last makes an interrupted build be redone rather than trusted."""

@@ -31,6 +31,9 @@ ACCOUNTS: dict[str, str] = {
     "rabbitmq_airflow": "airflow",
     "airflow_admin": "admin",
     "haproxy_stats": "haflow",
+    "etcd_root": "root",
+    "etcd_patroni": "patroni",
+    "etcd_elector": "dag-processor-elector",
 }
 
 
@@ -160,6 +163,7 @@ BREAKS = {
     "postgres_replication": "streaming replication (reset the role's password by hand)",
     "postgres_rewind": "pg_rewind of a returning node (reset the role's password by hand)",
     "airflow_fernet_key": "every connection and variable Airflow stored encrypted",
+    "etcd_root": "haflow's own etcd login (reset it with `etcdctl user passwd root`)",
 }
 REGENERATE_HINT = ("run `haflow up --regenerate-secrets` to generate new ones (it breaks "
                    + "; ".join(BREAKS.values()) + ")")

@@ -14,7 +14,7 @@ import stat
 from collections import defaultdict
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -165,6 +165,9 @@ class Airflow(_Strict):
     # database failover (about 20 s), when no heartbeat can be written
     task_heartbeat_timeout_s: _bounded(45, DAY, " s", "at least 45: running tasks stop heartbeating during a database failover") = 60
     dag_processor_lease_ttl_s: _bounded(5, 120, " s", "a dead node's dag-processor is replaced after about this") = 10
+    # fab: users and roles in the database every api-server shares (production); simple: one
+    # admin from a file, for trying things out
+    auth_manager: Literal["fab", "simple"] = "fab"
 
     @field_validator("version", mode="before")
     @classmethod

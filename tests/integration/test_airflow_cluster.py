@@ -5,7 +5,11 @@ real processes while a 20-task DAG runs; every run must still succeed with no ta
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +33,25 @@ HAFLOW = [sys.executable, "-m", "haflow.cli"]
 EXAMPLES = Path(__file__).resolve().parents[2] / "src/haflow/examples/dags"
 
 
+# A task that writes its own environment and user where the test can read them.
+ENV_PROBE_DAG = """
+import json, os, pwd
+import pendulum
+from airflow.sdk import dag, task, get_current_context
+
+@dag(dag_id="haflow_env_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
+def probe():
+    @task
+    def dump():
+        out = get_current_context()["dag_run"].conf["out"]
+        with open(out, "w") as f:
+            json.dump({"user": pwd.getpwuid(os.geteuid()).pw_name, "env": dict(os.environ)}, f)
+    dump()
+
+probe()
+"""
+
+
 def haflow(env, *args, check=True, timeout=900):
     r = subprocess.run([*HAFLOW, *args, "-f", str(env["spec"])], capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
@@ -42,6 +65,10 @@ def env():
     root.chmod(0o755)
     dags = root / "dags"
     shutil.copytree(EXAMPLES, dags, ignore=shutil.ignore_patterns("__pycache__"))
+    (dags / "haflow_env_probe.py").write_text(ENV_PROBE_DAG)
+    drop = root / "drop"  # where the env probe task writes what it sees (it runs as a service user)
+    drop.mkdir()
+    drop.chmod(0o1777)
     data = yaml.safe_load(default_spec_text())
     data["cluster"] = "aftest"
     for node, addr in zip(data["nodes"], ADDRESSES):
@@ -55,7 +82,7 @@ def env():
     subprocess.run([*HAFLOW, "down", "-f", str(spec_path)], capture_output=True, timeout=600)
     cluster.kill_all()
     shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+    cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
 
 def status(env) -> dict:
@@ -134,10 +161,16 @@ def test_every_airflow_queue_is_a_quorum_queue_and_there_is_no_guest(env):
 
 
 def test_secrets_files_are_0600(env):
+    cluster: Cluster = env["cluster"]
     state = env["root"] / ".haflow"
-    for path in [state / "secrets.yaml", *state.glob("nodes/*/airflow/simple_auth_manager_passwords.json"),
-                 *state.glob("nodes/*/rabbitmq/definitions.json"), *state.glob("nodes/*/pg/patroni.yml")]:
-        assert path.stat().st_mode & 0o077 == 0, path
+    paths = [state / "secrets.yaml"]
+    for n in cluster.facts.node_names:
+        layout = cluster.host.layout(n)
+        paths += [layout.services / "rabbitmq/definitions.json", layout.services / "rabbitmq/.erlang.cookie",
+                  layout.services / "haproxy.cfg", layout.db_root / "patroni.yml", layout.db_root / "etcd-callback-login.json"]
+    for path in paths:
+        assert path.stat().st_mode & 0o077 == 0, path  # and they exist
+    assert state.stat().st_mode & 0o077 == 0  # the state directory is private
     shown = json.loads(haflow(env, "secrets", "show", "--json").stdout)
     assert shown["airflow_admin"]["username"] == "admin" and shown["rabbitmq_airflow"]["password"]
 
@@ -154,6 +187,101 @@ def test_the_ui_answers_on_the_printed_url_with_the_printed_credentials(env):
     assert login.status_code in (200, 201) and login.json()["access_token"]
     wrong = httpx.post(f"{url}auth/token", json={"username": creds["username"], "password": "wrong"}, timeout=10)
     assert wrong.status_code == 401
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="service users exist only when haflow runs as root")
+def test_no_process_but_the_supervisors_runs_as_root(env):
+    cluster: Cluster = env["cluster"]
+    users: dict[str, set[str]] = {}
+    for node in ["_host", *cluster.facts.node_names]:
+        agent = cluster.host.agent(node)
+        assert agent is not None and agent.process().username() == "root"
+        for ref in cluster.host.processes(node):
+            p = ref.process()
+            if p is not None and ref.pid != agent.pid:
+                users.setdefault(p.username(), set()).add(p.name())
+    assert "root" not in users, users["root"]
+    assert {"etcd", "postgres", "haproxy", "rabbitmq", "airflow", "airflow-worker"} <= set(users), users
+    assert "etcd" in users["etcd"] and "haproxy" in users["haproxy"] and "beam.smp" in users["rabbitmq"]
+    assert "epmd" in users["rabbitmq"]
+    for n in cluster.facts.node_names:  # each service's folder is its own user's, closed to others
+        layout = cluster.host.layout(n)
+        for folder, owner in ((layout.etcd_data, "etcd"), (layout.services / "rabbitmq", "rabbitmq"),
+                              (airflow.home(layout), "airflow"), (airflow.worker_home(layout), "airflow-worker"),
+                              (layout.pg_data, "postgres")):
+            st = folder.stat()
+            assert pwd.getpwuid(st.st_uid).pw_name == owner and st.st_mode & 0o077 == 0, folder
+
+
+def test_etcd_refuses_anonymous_writes_and_confines_each_service_user(env):
+    cluster: Cluster = env["cluster"]
+    url = cluster.facts.etcd_members[0].etcd_client_url
+    key = lambda k: base64.b64encode(k.encode()).decode()  # noqa: E731
+    leader_key = f"/haflow/{cluster.facts.patroni_scope}/leader"
+    anonymous = httpx.post(f"{url}/v3/kv/put", json={"key": key(leader_key), "value": key("intruder")}, timeout=5)
+    assert anonymous.status_code != 200 and "user name is empty" in anonymous.text
+
+    def login(account: str) -> dict:
+        a = cluster.secrets[account]
+        r = httpx.post(f"{url}/v3/auth/authenticate", json={"name": a.username, "password": a.password}, timeout=5)
+        assert r.status_code == 200, r.text
+        return {"Authorization": r.json()["token"]}
+
+    patroni, elector = login("etcd_patroni"), login("etcd_elector")
+    mine = httpx.post(f"{url}/v3/kv/range", json={"key": key(leader_key)}, headers=patroni, timeout=5)
+    assert mine.status_code == 200 and mine.json()["kvs"]  # Patroni reads its own namespace
+    for headers, k in ((patroni, "/elsewhere"), (elector, leader_key), (elector, "/elsewhere")):
+        r = httpx.post(f"{url}/v3/kv/put", json={"key": key(k), "value": key("x")}, headers=headers, timeout=5)
+        assert "permission denied" in r.text, (k, r.text)
+    wrong = httpx.post(f"{url}/v3/auth/authenticate", json={"name": "root", "password": "wrong"}, timeout=5)
+    assert wrong.status_code != 200
+
+
+def test_ui_and_api_log_in_through_the_fab_auth_manager(env):
+    cluster: Cluster = env["cluster"]
+    admin = cluster.secrets["airflow_admin"]
+    base = f"http://{cluster.facts.nodes[2].airflow_api}"
+    token = httpx.post(f"{base}/auth/token", json={"username": admin.username, "password": admin.password}, timeout=10)
+    assert token.status_code == 201
+    users = httpx.get(f"{base}/auth/fab/v1/users", headers={"Authorization": f"Bearer {token.json()['access_token']}"},
+                      timeout=10)
+    assert users.status_code == 200, users.text  # FAB's own user API: only the FAB auth manager has it
+    assert admin.username in {u["username"] for u in users.json()["users"]}
+    with httpx.Client(timeout=10, follow_redirects=True) as ui:  # the UI's login form, as a browser posts it
+        page = ui.get(f"{base}/auth/login/")
+        csrf = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page.text)
+        assert page.status_code == 200 and csrf, page.text[:300]
+        bad = ui.post(f"{base}/auth/login/", data={"username": admin.username, "password": "wrong", "csrf_token": csrf.group(1)})
+        assert "_token" not in ui.cookies
+        page = ui.get(f"{base}/auth/login/")
+        csrf = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page.text)
+        ok = ui.post(f"{base}/auth/login/", data={"username": admin.username, "password": admin.password,
+                                                  "csrf_token": csrf.group(1)})
+        assert ok.status_code == 200 and "/auth/login" not in str(ok.url) and "_token" in ui.cookies, (bad.url, ok.url)
+
+
+def test_a_task_cannot_read_the_clusters_keys_or_admin_passwords_from_its_environment(env):
+    cluster: Cluster = env["cluster"]
+    out = env["root"] / "drop" / "env.json"
+    client = cluster.api_client()
+    deadline = time.time() + 180
+    while client.get("/dags/haflow_env_probe").status_code != 200 and time.time() < deadline:
+        time.sleep(2)
+    run = client.trigger("haflow_env_probe", {"out": str(out)})
+    while client.run_state("haflow_env_probe", run) not in ("success", "failed") and time.time() < deadline + 120:
+        time.sleep(1)
+    seen = json.loads(out.read_text())
+    # not the scheduler's user: a task cannot read its /proc/PID/environ (which holds the keys)
+    assert seen["user"] == ("airflow-worker" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name)
+    values = "\n".join(seen["env"].values())
+    s = cluster.secrets
+    forbidden = {name: s.key(name) for name in ("airflow_fernet_key", "airflow_jwt_secret", "airflow_api_secret_key")}
+    forbidden |= {name: s[name].password for name in ("postgres_superuser", "postgres_replication", "postgres_rewind",
+                                                      "rabbitmq_admin", "etcd_root", "etcd_patroni", "etcd_elector",
+                                                      "patroni_restapi", "airflow_admin")}
+    leaked = [name for name, secret in forbidden.items() if secret in values]
+    assert leaked == []
+    assert s["postgres_airflow"].password in values  # the probe can fail: it does see what tasks get
 
 
 def test_a_token_from_one_api_server_works_on_another(env):

@@ -61,7 +61,7 @@ def env():
     subprocess.run([*HAFLOW, "down", "-f", str(spec_path)], capture_output=True, timeout=300)
     cluster.kill_all()
     shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+    cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
 
 def superuser(env):

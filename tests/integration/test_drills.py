@@ -52,7 +52,7 @@ def spec():
     subprocess.run([*HAFLOW, "down", "-f", str(path)], capture_output=True, timeout=600)
     cluster.kill_all()
     shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(cluster.host.run_base, ignore_errors=True)
+    cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
 
 @pytest.mark.parametrize("scenario", ALL)

@@ -2,6 +2,7 @@
 every client going through its node's balancer."""
 
 import base64
+import os
 import hashlib
 import json
 from pathlib import Path
@@ -67,8 +68,9 @@ def test_erlang_cookie_is_shared_and_private(tmp_path):
 
 def test_one_epmd_for_the_machine_on_the_node_addresses(tmp_path):
     c = cluster(tmp_path)
-    (epmd,) = rabbitmq.render_epmd(c.facts).services
+    (epmd,) = rabbitmq.render_epmd(c.facts, c.host.layout("_host")).services
     assert epmd.argv[1:] == ("-address", ",".join(ADDRESSES), "-port", "4369")
+    assert epmd.user == ("rabbitmq" if os.geteuid() == 0 else None)
 
 
 def test_airflow_processes_share_keys_and_use_their_nodes_balancer(tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from haflow.components.base import DesiredState, Directory, File
-from haflow.hosts.local import DB_RELOCATION_BASE, LocalHost, is_root, reachable_by
+from haflow.hosts import local
+from haflow.hosts.local import LocalHost, is_root, reachable_by
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_database_files_move_out_of_a_directory_postgres_cannot_reach(tmp_path):
     host = LocalHost(hidden / "state", "t")
     assert not reachable_by(hidden / "state", "postgres")
     layout = host.layout("node1")
-    assert layout.db_root.is_relative_to(DB_RELOCATION_BASE) and layout.db_root.name == "node1"
+    assert layout.db_root.is_relative_to(local.DB_RELOCATION_BASE) and layout.db_root.name == "node1"
     host.apply("node1", DesiredState(dirs=[Directory(layout.db_root, 0o700, "postgres")]))
     link = hidden / "state/nodes/node1/pg"
     assert link.is_symlink() and link.resolve() == layout.db_root

@@ -108,6 +108,7 @@ def test_patroni_calls_back_to_keep_etcd_leader_off_the_primary(tmp_path):
     conf = yaml.safe_load(file_of(c, "node2", "patroni.yml").content)
     argv = conf["postgresql"]["callbacks"]["on_role_change"].split()
     assert argv[0].endswith("/bin/python") and argv[1].endswith("etcd_leader_away.py")
-    assert argv[2:] == ["http://127.0.0.92:2379", "http://127.0.0.91:2379", "http://127.0.0.93:2379"]
+    assert argv[2].endswith("etcd-callback-login.json")
+    assert argv[3:] == ["http://127.0.0.92:2379", "http://127.0.0.91:2379", "http://127.0.0.93:2379"]
     script = file_of(c, "node2", "etcd_leader_away.py")
     compile(script.content, "etcd_leader_away.py", "exec")

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from haflow.components import etcd
 from haflow.components.base import DesiredState, Directory, File, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
@@ -32,6 +33,7 @@ DAG_PROCESSOR = "airflow-dag-processor"
 SERVICES = (API, SCHEDULER, DAG_PROCESSOR, TRIGGERER, WORKER)
 CONFIG_MODULE = "haflow_airflow"
 ELECTOR = "dag_processor_elect.py"
+ELECTOR_PASSWORD_ENV = "HAFLOW_ETCD_PASSWORD"
 QUEUE = "default"
 MIN_HEARTBEAT_INTERVAL_S = 1
 
@@ -44,17 +46,49 @@ def constraints_file(version: str) -> Path:
     return Path(str(resources.files("haflow").joinpath("data", f"constraints-airflow-{version}.txt")))
 
 
+def constraints_digest(version: str) -> str:
+    """Short digest of the shipped constraints: a new set of providers needs a new migration."""
+    return hashlib.sha256(constraints_file(version).read_bytes()).hexdigest()[:10]
+
+
 def requirements(version: str) -> list[str]:
-    return [f"apache-airflow[celery,postgres]=={version}", "--constraint", str(constraints_file(version))]
+    return [f"apache-airflow[celery,postgres]=={version}", "apache-airflow-providers-fab",
+            "--constraint", str(constraints_file(version))]
+
+
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+
+
+def auth_env(facts: ClusterFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, str]:
+    """FAB: users, roles and UI sessions in the database every api-server shares, the admin
+    created by `up` (ensure_admin). Simple: one admin from a file, for trying things out."""
+    if facts.spec.airflow.auth_manager == "fab":
+        return {"AIRFLOW__CORE__AUTH_MANAGER": FAB_AUTH_MANAGER}
+    return {
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{secrets['airflow_admin'].username}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(layout)),
+    }
 
 
 def home(layout: NodeLayout) -> Path:
-    return layout.root / "airflow"
+    return layout.services / "airflow"
+
+
+WORKER_USER = "airflow-worker"  # the Celery workers and the tasks they run
+
+
+def worker_home(layout: NodeLayout) -> Path:
+    """The workers' own AIRFLOW_HOME: tasks run as another user than the scheduler and the
+    api-server, so they cannot read those processes' files or /proc/PID/environ."""
+    return layout.services / WORKER_USER
 
 
 def dags_dir(layout: NodeLayout) -> Path:
-    """A symlink to the current copy of the DAG folder (swapped atomically by `dags push`)."""
-    return home(layout) / "dags"
+    """A symlink to the current copy of the DAG folder (swapped atomically by `dags push`),
+    readable by the `airflow` group: every Airflow process, workers included."""
+    return layout.services / "airflow-dags" / "dags"
 
 
 def passwords_file(layout: NodeLayout) -> Path:
@@ -67,7 +101,7 @@ def worker_name(facts: ClusterFacts, node: str) -> str:
 
 
 def dag_processor_key(facts: ClusterFacts) -> str:
-    return f"/haflow/{facts.name}/dag-processor"
+    return etcd.dag_processor_key(facts)
 
 
 def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, str]:
@@ -79,6 +113,7 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
     sql = f"postgresql+psycopg://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}"
     return {
         "AIRFLOW_HOME": str(h),
+        "HOME": str(h),
         "HAFLOW_NODE": node.name,
         "PYTHONPATH": str(h / "config"),
         "PATH": f"{venv_dir(layout, af.version)}/bin:/usr/bin:/bin",
@@ -96,8 +131,7 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": str(af.task_retries),
         "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": str(af.task_retry_delay_s),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{node.api_balancer}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{secrets['airflow_admin'].username}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(layout)),
+        **auth_env(facts, layout, secrets),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_PRE_PING": "True",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.key("airflow_jwt_secret"),
@@ -129,6 +163,41 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
     }
 
 
+# What a Celery worker, and so every task it runs, must not hold: tasks reach connections and
+# variables through the Execution API with a token the scheduler signed, never decrypt them and
+# never sign tokens themselves. (The database URL stays: the worker writes Celery results there
+# as the airflow role.)
+WORKER_WITHHELD = ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY")
+
+
+def worker_env(full: dict[str, str], layout: NodeLayout) -> dict[str, str]:
+    h = worker_home(layout)
+    own = {"AIRFLOW_HOME": str(h), "HOME": str(h), "PYTHONPATH": str(h / "config")}
+    return {k: own.get(k, v) for k, v in full.items() if k not in WORKER_WITHHELD}
+
+
+FAB_ADMIN_SCRIPT = "fab_admin.py"
+
+
+def admin_command(facts: ClusterFacts, layout: NodeLayout, secrets: Secrets) -> tuple[list[str], dict[str, str]]:
+    """argv and extra environment that create (or repair) the FAB admin from the secrets."""
+    admin = secrets["airflow_admin"]
+    argv = [str(venv_dir(layout, facts.spec.airflow.version) / "bin/python"), str(home(layout) / FAB_ADMIN_SCRIPT),
+            admin.username, f"{admin.username}@{facts.name}.invalid"]
+    return argv, {"HAFLOW_ADMIN_PASSWORD": admin.password}
+
+
+def login_works(base: str, secrets: Secrets, timeout: float = 10.0) -> bool | None:
+    """Whether the generated admin gets an API token (None: no api-server answered)."""
+    admin = secrets["airflow_admin"]
+    try:
+        r = httpx.post(f"{base.rstrip('/')}/auth/token", json={"username": admin.username, "password": admin.password},
+                       timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    return r.status_code in (200, 201) if r.status_code < 500 else None
+
+
 def passwords_json(secrets: Secrets) -> str:
     admin = secrets["airflow_admin"]
     return json.dumps({admin.username: admin.password})
@@ -142,34 +211,53 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     e = env(facts, node, layout, secrets)
     config_module = h / "config" / f"{CONFIG_MODULE}.py"
     elector = h / ELECTOR
+    user = layout.user("airflow")
+    worker_user = layout.user(WORKER_USER)
+    wh = worker_home(layout)
     files = [
-        File(config_module, _data(f"{CONFIG_MODULE}.py"), 0o644),
-        File(elector, _data(ELECTOR), 0o644),
-        File(passwords_file(layout), passwords_json(secrets), 0o600),
+        File(config_module, _data(f"{CONFIG_MODULE}.py"), 0o644, user),
+        File(wh / "config" / f"{CONFIG_MODULE}.py", _data(f"{CONFIG_MODULE}.py"), 0o644, worker_user),
+        File(elector, _data(ELECTOR), 0o644, user),
+        File(h / FAB_ADMIN_SCRIPT, _data(FAB_ADMIN_SCRIPT), 0o644, user),
     ]
+    if af.auth_manager == "simple":
+        files.append(File(passwords_file(layout), passwords_json(secrets), 0o600, user))
     restart = tuple(f.path for f in files)
     etcd_urls = [arg for m in facts.etcd_members for arg in ("--etcd", m.etcd_client_url)]
     skip_logs = [] if layout.serve_task_logs else ["--skip-serve-logs"]
 
-    def svc(name: str, argv: list[str], stop_timeout_s: int = 30) -> Service:
-        return Service(name=name, argv=tuple(argv), env=e, cwd=h, stop_timeout_s=stop_timeout_s, restart_files=restart)
+    def svc(name: str, argv: list[str], stop_timeout_s: int = 30, environment: dict[str, str] = e,
+            as_user: str | None = user, cwd: Path = h) -> Service:
+        return Service(name=name, argv=tuple(argv), env=environment, user=as_user, cwd=cwd, stop_timeout_s=stop_timeout_s,
+                       restart_files=restart)
 
     return DesiredState(
-        dirs=[Directory(h, 0o700), Directory(h / "config", 0o755), Directory(layout.task_logs, 0o755)],
+        dirs=[
+            Directory(h, 0o700, user), Directory(h / "config", 0o755, user),
+            Directory(wh, 0o700, worker_user), Directory(wh / "config", 0o755, worker_user),
+            # group `airflow` (the workers' too): DAG copies are read, task logs written by
+            # workers and read by api-servers; setgid keeps new log folders in the group
+            Directory(dags_dir(layout).parent, 0o750, user),
+            Directory(layout.task_logs, 0o2770, user, group_tree=True),
+        ],
         files=files,
         services=[
             svc(API, [airflow, "api-server", "--host", node.address, "--port", str(facts.spec.ports.airflow_api),
                       "--workers", str(af.api_workers)]),
             svc(SCHEDULER, [airflow, "scheduler"]),
+            # its etcd password in its environment, never in argv (ps) nor passed on to the
+            # dag-processor, which runs DAG files' code
             svc(DAG_PROCESSOR, [str(venv / "bin/python"), str(elector), *etcd_urls, "--key", dag_processor_key(facts),
+                                "--user", secrets["etcd_elector"].username,
                                 "--node", node.name, "--ttl", str(af.dag_processor_lease_ttl_s), "--", airflow, "dag-processor"],
-                stop_timeout_s=40),
+                stop_timeout_s=40, environment={**e, ELECTOR_PASSWORD_ENV: secrets["etcd_elector"].password}),
             svc(TRIGGERER, [airflow, "triggerer", *skip_logs], stop_timeout_s=60),
             # Warm shutdown lets running tasks finish: the grace period is as long as a task may run.
             svc(WORKER, [airflow, "celery", "worker", "--celery-hostname", worker_name(facts, node.name),
                          "--queues", QUEUE, "--concurrency", str(af.worker_concurrency),
                          "--without-gossip", "--without-mingle", *skip_logs],  # Airflow uses neither
-                stop_timeout_s=min(af.task_execution_timeout_s, 600)),
+                stop_timeout_s=min(af.task_execution_timeout_s, 600), environment=worker_env(e, layout),
+                as_user=worker_user, cwd=wh),
         ],
     )
 
@@ -243,17 +331,7 @@ def layer_jobs(facts: ClusterFacts, secrets: Secrets, endpoint: str) -> list[dic
 
 
 def dag_processor_holder(facts: ClusterFacts) -> str | None:
-    import base64
-
-    key = base64.b64encode(dag_processor_key(facts).encode()).decode()
-    for m in facts.etcd_members:
-        try:
-            r = httpx.post(f"{m.etcd_client_url}/v3/kv/range", json={"key": key}, timeout=2)
-            kvs = r.json().get("kvs") or []
-            return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
-        except (httpx.HTTPError, ValueError, KeyError):
-            continue
-    return None
+    return etcd.get_key(facts, dag_processor_key(facts))
 
 
 def ping_workers(facts: ClusterFacts, secrets: Secrets, timeout: float = 2.0) -> list[str]:

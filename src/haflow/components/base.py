@@ -24,6 +24,9 @@ class Directory:
     path: Path
     mode: int = 0o755
     owner: str | None = None
+    # shared with the owner's group: when the folder's mode changes (a cluster made by an
+    # older haflow), what is already inside becomes group-writable too
+    group_tree: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,13 @@
-"""etcd: the DCS. One member per node listed in `etcd.members`, v3 API only."""
+"""etcd: the DCS. One member per node listed in `etcd.members`, v3 API only.
+
+Authentication is on (`ensure_auth`): Patroni logs in as its own user with read-write on its
+namespace only, the dag-processor elector on its one key only, and haflow as root. Without a
+login nobody reaching port 2379 can rewrite Patroni's leader key or configuration.
+"""
 
 from __future__ import annotations
 
+import base64
 import shutil
 from typing import Any
 
@@ -9,7 +15,9 @@ import httpx
 import yaml
 
 from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.errors import ClusterUnhealthy
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
+from haflow.secrets import Account, Secrets
 
 NAME = "etcd"
 BINARY = "etcd"
@@ -51,14 +59,17 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> DesiredState:
     if not node.is_etcd_member:
         return DesiredState()
-    conf = layout.root / "etcd.yaml"
+    conf = layout.services / "etcd.yaml"
+    user = layout.user(NAME)
     return DesiredState(
-        dirs=[Directory(layout.etcd_data, 0o700)],
-        files=[File(conf, yaml.safe_dump(config(facts, node, layout), sort_keys=False), 0o644)],
+        dirs=[Directory(layout.etcd_data, 0o700, user)],
+        files=[File(conf, yaml.safe_dump(config(facts, node, layout), sort_keys=False), 0o600, user)],
         services=[
             Service(
                 name=NAME,
                 argv=(shutil.which(BINARY) or f"/usr/bin/{BINARY}", "--config-file", str(conf)),
+                user=user,
+                cwd=layout.etcd_data,
                 stop_timeout_s=20,
                 restart_files=(conf,),
             )
@@ -171,9 +182,153 @@ def move_leader_away(facts: ClusterFacts, avoid: str, timeout: float = 3.0) -> s
     return None
 
 
-def _post_body(node: NodeFacts, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+# --- authentication ---------------------------------------------------------------------------
+
+ROOT_ROLE = "root"
+# etcd's simple tokens are kept by the member that issued them: one per client URL.
+_logins: dict[str, Account] = {}  # client URL -> haflow's root account there
+_tokens: dict[str, str] = {}
+AUTH_ERRORS = ("user name is empty", "invalid auth token", "permission denied", "auth: revision")
+
+
+def use_root(facts: ClusterFacts, secrets: Secrets) -> None:
+    """haflow's own calls log in as root once etcd asks for a login."""
+    for m in facts.etcd_members:
+        _logins[m.etcd_client_url] = secrets["etcd_root"]
+
+
+def service_roles(facts: ClusterFacts) -> dict[str, tuple[str, bytes, bytes]]:
+    """secret name -> (role, key, range end): what each service account may read and write."""
+    ns = f"{facts.patroni_namespace}{facts.patroni_scope}/".encode()
+    elector = dag_processor_key(facts).encode()
+    return {
+        "etcd_patroni": ("patroni", ns, _prefix_end(ns)),
+        "etcd_elector": ("dag-processor-elector", elector, b""),  # this one key
+    }
+
+
+def dag_processor_key(facts: ClusterFacts) -> str:
+    return f"/haflow/{facts.name}/dag-processor"
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _authenticate(url: str, account: Account, timeout: float) -> tuple[str | None, str]:
+    """(token, "") when the login worked, else (None, etcd's error text)."""
     try:
-        r = httpx.post(f"{node.etcd_client_url}{path}", json=body, timeout=timeout)
-        return r.json() if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+        r = httpx.post(f"{url}/v3/auth/authenticate", json={"name": account.username, "password": account.password},
+                       timeout=timeout)
+    except httpx.HTTPError as e:
+        return None, f"unreachable: {e}"
+    if r.status_code == 200:
+        return r.json().get("token"), ""
+    return None, r.text
+
+
+def auth_enabled(facts: ClusterFacts, secrets: Secrets, timeout: float = 3.0) -> bool:
+    """Whether etcd asks for a login (asked of the first member that answers). A root password
+    etcd refuses is an error: the secrets file does not belong to this cluster's etcd."""
+    root = secrets["etcd_root"]
+    for m in facts.etcd_members:
+        token, error = _authenticate(m.etcd_client_url, root, timeout)
+        if token:
+            _tokens[m.etcd_client_url] = token
+            return True
+        if "not enabled" in error:
+            return False
+        if "authentication failed" in error:
+            raise ClusterUnhealthy("etcd refuses the root password in the secrets file (restored from another cluster?); "
+                                   "restore this cluster's secrets file and re-run `haflow up`")
+    raise ClusterUnhealthy("no etcd member answered a login; run `haflow status`")
+
+
+def ensure_auth(facts: ClusterFacts, secrets: Secrets) -> list[str]:
+    """Turn authentication on with root plus one least-privilege user per service, or bring the
+    users of a cluster that has it in line with the secrets. Idempotent; returns what it did."""
+    use_root(facts, secrets)
+    done = []
+    enabled = auth_enabled(facts, secrets)
+    if not enabled:
+        root = secrets["etcd_root"]
+        _grant(facts, root.username, root.password, ROOT_ROLE, None)
+    for name, (role, key, end) in service_roles(facts).items():
+        account = secrets[name]
+        if enabled and any(_authenticate(m.etcd_client_url, account, 3.0)[0] for m in facts.etcd_members[:1]):
+            continue
+        _grant(facts, account.username, account.password, role, (key, end))
+        done.append(f"etcd user {account.username}: read-write on {key.decode()}{'*' if end else ''} only")
+    if not enabled:
+        _call(facts, "/v3/auth/enable", {})
+        done.append("etcd authentication enabled (root for haflow, one user per service)")
+    return done
+
+
+def _grant(facts: ClusterFacts, user: str, password: str, role: str, keys: tuple[bytes, bytes] | None) -> None:
+    """User with password and role, the role with read-write on `keys`; what exists is kept."""
+    _call(facts, "/v3/auth/role/add", {"name": role}, ok="already exists")
+    if keys:
+        key, end = keys
+        perm = {"permType": "READWRITE", "key": _b64(key), **({"range_end": _b64(end)} if end else {})}
+        _call(facts, "/v3/auth/role/grant", {"name": role, "perm": perm})
+    if _call(facts, "/v3/auth/user/add", {"name": user, "password": password}, ok="already exists") is None:
+        _call(facts, "/v3/auth/user/changepw", {"name": user, "password": password})
+    _call(facts, "/v3/auth/user/grant", {"user": user, "role": role})
+
+
+def _call(facts: ClusterFacts, path: str, body: dict[str, Any], ok: str | None = None) -> dict[str, Any] | None:
+    """An auth API call on the first member that answers; None if it failed with `ok` in the
+    error (e.g. "already exists"); any other failure raises."""
+    last = ""
+    for m in facts.etcd_members:
+        r = _request(m.etcd_client_url, path, body, 5.0)
+        if r is None:
+            continue
+        if r.status_code == 200:
+            return r.json()
+        if ok and ok in r.text:
+            return None
+        last = r.text
+        break
+    raise ClusterUnhealthy(f"etcd refused {path}: {last.strip() or 'no member answered'}; data is kept, re-run `haflow up`")
+
+
+def _request(url: str, path: str, body: dict[str, Any], timeout: float) -> httpx.Response | None:
+    """POST as haflow: unauthenticated while etcd allows it, else with root's token (logging in
+    again when the token expired or the member never issued one)."""
+    for attempt in range(2):
+        headers = {"Authorization": _tokens[url]} if url in _tokens else {}
+        try:
+            r = httpx.post(f"{url}{path}", json=body, headers=headers, timeout=timeout)
+        except httpx.HTTPError:
+            return None
+        if attempt == 0 and r.status_code != 200 and any(e in r.text for e in AUTH_ERRORS) and url in _logins:
+            token, _ = _authenticate(url, _logins[url], timeout)
+            if token:
+                _tokens[url] = token
+                continue
+        return r
+    return None
+
+
+def _post_body(node: NodeFacts, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    r = _request(node.etcd_client_url, path, body, timeout)
+    try:
+        return r.json() if r is not None and r.status_code == 200 else None
+    except ValueError:
         return None
+
+
+def get_key(facts: ClusterFacts, key: str, timeout: float = 2.0) -> str | None:
+    """A key's value (as haflow, from the first member that answers); None if absent."""
+    for m in facts.etcd_members:
+        got = _post_body(m, "/v3/kv/range", {"key": _b64(key.encode())}, timeout)
+        if got is not None:
+            kvs = got.get("kvs") or []
+            return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
+    return None

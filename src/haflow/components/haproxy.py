@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from haflow.components.base import DesiredState, File, Service
+from haflow.components.base import DesiredState, Directory, File, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.rendering import render_template
 from haflow.secrets import Secrets
@@ -41,12 +41,16 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secret
 
 
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
-    conf = layout.root / "haproxy.cfg"
+    conf = layout.services / "haproxy.cfg"
+    user = layout.user(NAME)
     return DesiredState(
-        files=[File(conf, config_text(facts, node, layout, secrets), 0o600)],  # holds the stats password
+        dirs=[Directory(layout.haproxy_run, 0o700, user)],  # its stats socket
+        files=[File(conf, config_text(facts, node, layout, secrets), 0o600, user)],  # holds the stats password
         services=[
             Service(
                 name=NAME,
+                user=user,
+                cwd=layout.haproxy_run,  # it returns to its start folder after reading the config
                 # -db: stay in the foreground so the supervised PID is the one serving traffic.
                 argv=(shutil.which(BINARY) or f"/usr/sbin/{BINARY}", "-db", "-f", str(conf)),
                 stop_signal="USR1",  # soft stop: finish the current sessions

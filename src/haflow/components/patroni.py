@@ -6,6 +6,7 @@ of its own process tree), so haflow supervises Patroni only and never starts pos
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,11 @@ def pg_hba(facts: ClusterFacts, secrets: Secrets) -> list[str]:
 
 
 CALLBACK_SCRIPT = "etcd_leader_away.py"
+CALLBACK_LOGIN = "etcd-callback-login.json"  # etcd's root: only root may move etcd's leadership
+
+
+def callback_login(layout: NodeLayout) -> Path:
+    return layout.db_root / CALLBACK_LOGIN
 
 
 def callback_command(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str:
@@ -68,7 +74,7 @@ def callback_command(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -
     venv = venv_dir(layout, facts.spec.database.patroni_version)
     local = [node.etcd_client_url] if node.is_etcd_member else []
     peers = [m.etcd_client_url for m in facts.etcd_members if m.name != node.name]
-    return " ".join([str(venv / "bin/python"), str(layout.db_root / CALLBACK_SCRIPT), *local, *peers])
+    return " ".join([str(venv / "bin/python"), str(layout.db_root / CALLBACK_SCRIPT), str(callback_login(layout)), *local, *peers])
 
 
 def dynamic_config(facts: ClusterFacts) -> dict[str, Any]:
@@ -151,7 +157,9 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
                 "password": secrets["patroni_restapi"].password,
             },
         },
-        "etcd3": {"hosts": facts.etcd_hosts},
+        # its own etcd user: read-write on its namespace only (etcd.ensure_auth)
+        "etcd3": {"hosts": facts.etcd_hosts, "username": secrets["etcd_patroni"].username,
+                  "password": secrets["etcd_patroni"].password},
         "bootstrap": {
             "dcs": bootstrap_dynamic_config(facts),
             "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
@@ -185,6 +193,8 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
         files=[
             File(conf, yaml.safe_dump(config(facts, node, layout, secrets), sort_keys=False), 0o600, user),
             File(layout.db_root / CALLBACK_SCRIPT, resources.files("haflow").joinpath("data", CALLBACK_SCRIPT).read_text(), 0o644),
+            File(callback_login(layout), json.dumps({"name": secrets["etcd_root"].username,
+                                                     "password": secrets["etcd_root"].password}), 0o600, user),
         ],
         services=[
             Service(

@@ -6,6 +6,11 @@ and it keeps each role's password equal to the one in the secrets file.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+
 import psycopg
 from psycopg import sql
 
@@ -30,6 +35,29 @@ def connect_airflow(facts: ClusterFacts, secrets: Secrets, endpoint: str, timeou
                            dbname=facts.airflow_db, connect_timeout=timeout, autocommit=True)
 
 
+SCRAM_ITERATIONS = 4096  # PostgreSQL's own default (scram_iterations)
+
+
+def scram_verifier(password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802/7677, the format of
+    pg_authid.rolpassword). Sent instead of the password, the server never sees the clear text,
+    so it cannot end up in its logs or pg_stat_statements. Generated passwords are ASCII, for
+    which SASLprep changes nothing."""
+    salt = salt if salt is not None else os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def role_statement(verb: str, username: str, password: str) -> sql.Composed:
+    """CREATE/ALTER ROLE ... LOGIN PASSWORD '<verifier>': the password itself is never sent."""
+    return sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
+        sql.SQL(verb), sql.Identifier(username), sql.Literal(scram_verifier(password)))
+
+
 def _airflow_login_works(facts: ClusterFacts, secrets: Secrets, endpoint: str) -> bool:
     try:
         with connect_airflow(facts, secrets, endpoint):
@@ -48,9 +76,7 @@ def ensure_airflow_database(facts: ClusterFacts, secrets: Secrets, endpoint: str
         role = sql.Identifier(account.username)
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (account.username,)).fetchone()
         verb = "ALTER" if exists else "CREATE"
-        # The password is sent as a literal in DDL (parameters are not allowed there); it is
-        # hashed with scram-sha-256 by the server before storage.
-        conn.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(sql.SQL(verb), role, sql.Literal(account.password)))
+        conn.execute(role_statement(verb, account.username, account.password))
         done.append(f"{'updated' if exists else 'created'} role {account.username}")
         db = facts.airflow_db
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():

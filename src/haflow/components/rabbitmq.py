@@ -30,7 +30,7 @@ VHOST = "airflow"
 
 
 def home(layout: NodeLayout) -> Path:
-    return layout.root / "rabbitmq"
+    return layout.services / "rabbitmq"
 
 
 def password_hash(password: str, salt_seed: str) -> str:
@@ -105,29 +105,31 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, s
         "RABBITMQ_ADVANCED_CONFIG_FILE": str(h / "advanced.config"),
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(h / "enabled_plugins"),
         "RABBITMQ_MNESIA_BASE": str(h / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(layout.logs / "rabbitmq"),
-        "RABBITMQ_PID_FILE": str(layout.run / "rabbitmq.pid"),
+        "RABBITMQ_LOG_BASE": str(h / "log"),  # unused (it logs to the console), but must be writable
+        "RABBITMQ_PID_FILE": str(h / "rabbitmq.pid"),
         "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": f"-kernel inet_dist_use_interface {{{octets}}}",
     }
 
 
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
     h = home(layout)
+    user = layout.user(NAME)
     files = [
-        File(h / "rabbitmq.conf", config_text(facts, node, layout), 0o644),
-        File(h / "definitions.json", json.dumps(definitions(facts, secrets), indent=1, sort_keys=True), 0o600),
-        File(h / "advanced.config", "[].\n", 0o644),
-        File(h / "enabled_plugins", "[rabbitmq_management].\n", 0o644),
-        File(h / "rabbitmq-env.conf", "", 0o644),
-        File(h / ".erlang.cookie", secrets.key("erlang_cookie"), 0o400),
+        File(h / "rabbitmq.conf", config_text(facts, node, layout), 0o600, user),
+        File(h / "definitions.json", json.dumps(definitions(facts, secrets), indent=1, sort_keys=True), 0o600, user),
+        File(h / "advanced.config", "[].\n", 0o600, user),
+        File(h / "enabled_plugins", "[rabbitmq_management].\n", 0o600, user),
+        File(h / "rabbitmq-env.conf", "", 0o600, user),
+        File(h / ".erlang.cookie", secrets.key("erlang_cookie"), 0o400, user),
     ]
     return DesiredState(
-        dirs=[Directory(h, 0o700), Directory(h / "mnesia", 0o700), Directory(layout.logs / "rabbitmq", 0o755)],
+        dirs=[Directory(h, 0o700, user), Directory(h / "mnesia", 0o700, user), Directory(h / "log", 0o700, user)],
         files=files,
         services=[
             Service(
                 name=NAME,
                 argv=(str(SERVER),),
+                user=user,
                 env=env(facts, node, layout),
                 cwd=h,
                 stop_timeout_s=60,
@@ -137,12 +139,13 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     )
 
 
-def render_epmd(facts: ClusterFacts) -> DesiredState:
+def render_epmd(facts: ClusterFacts, layout: NodeLayout) -> DesiredState:
     """One epmd for every node on a machine, started before them (P-R4): if a node started one
-    itself, it would daemonize on 0.0.0.0 with no supervisor."""
+    itself, it would daemonize on 0.0.0.0 with no supervisor. It runs as RabbitMQ's user."""
     binary = shutil.which(EPMD) or "/usr/bin/epmd"
     addresses = ",".join(n.address for n in facts.nodes)
-    return DesiredState(services=[Service(EPMD, (binary, "-address", addresses, "-port", str(facts.spec.ports.epmd)), stop_timeout_s=5)])
+    argv = (binary, "-address", addresses, "-port", str(facts.spec.ports.epmd))
+    return DesiredState(services=[Service(EPMD, argv, user=layout.user(NAME), cwd=Path("/"), stop_timeout_s=5)])
 
 
 # --- probes -----------------------------------------------------------------------------------

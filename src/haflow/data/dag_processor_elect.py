@@ -14,7 +14,10 @@ this elector on every node; the candidates race for a key in etcd bound to a lea
 So a takeover after a node loss is bounded by ttl + 1 s (+ etcd election) + the command's start.
 The key's value is the winning node's name: `haflow status` shows it.
 
-Usage: python dag_processor_elect.py --etcd URL [--etcd URL...] --key KEY --node NAME [--ttl S] -- CMD...
+Usage: python dag_processor_elect.py --etcd URL [--etcd URL...] --key KEY --node NAME [--ttl S]
+       [--user NAME] -- CMD...
+With --user it logs in to etcd with the password in $HAFLOW_ETCD_PASSWORD (once etcd asks for a
+login), and the command does not inherit that variable.
 Standard library only: it runs in Airflow's venv.
 """
 
@@ -40,22 +43,42 @@ def b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
 
+PASSWORD_ENV = "HAFLOW_ETCD_PASSWORD"
+AUTH_ERRORS = ("user name is empty", "invalid auth token", "permission denied", "auth: revision")
+
+
 class Etcd:
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(self, urls: list[str], user: str | None = None, password: str | None = None) -> None:
         self.urls = urls
+        self.user, self.password = user, password
+        self.tokens: dict[str, str] = {}  # etcd's simple tokens live on the member that issued them
 
     def post(self, path: str, body: dict) -> dict:
         """POST to the first member that answers; raises OSError if none does."""
         last: Exception | None = None
         for url in self.urls:
-            req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    return json.loads(r.read() or b"{}")
+                return self._post(url, path, body)
             except (urllib.error.URLError, OSError, ValueError) as e:
                 last = e
         raise OSError(f"no etcd member answered: {last}")
+
+    def _post(self, url: str, path: str, body: dict, login: bool = True) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if url in self.tokens:
+            headers["Authorization"] = self.tokens[url]
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")
+            if login and self.user and any(a in text for a in AUTH_ERRORS):
+                self.tokens.pop(url, None)
+                self.tokens[url] = self._post(url, "/v3/auth/authenticate",
+                                              {"name": self.user, "password": self.password}, login=False)["token"]
+                return self._post(url, path, body, login=False)
+            raise OSError(f"{url}{path}: HTTP {e.code} {text.strip()[:200]}") from None
 
 
 class Elector:
@@ -155,10 +178,12 @@ def main() -> int:
     ap.add_argument("--key", required=True)
     ap.add_argument("--node", required=True)
     ap.add_argument("--ttl", type=int, default=10)
+    ap.add_argument("--user")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    elector = Elector(Etcd(args.etcd), args.key, args.node, args.ttl, command)
+    password = os.environ.pop(PASSWORD_ENV, None)  # the command (DAG parsing) must not inherit it
+    elector = Elector(Etcd(args.etcd, args.user, password), args.key, args.node, args.ttl, command)
 
     def on_term(signum, frame):
         elector.stopping = True

@@ -8,26 +8,49 @@ crash instead of ttl minus the time since its last refresh: 21-23 s instead of 1
 ttl 20. Moving etcd leadership away when this node becomes primary avoids that.
 
 Usage (Patroni appends ACTION ROLE SCOPE):
-    python etcd_leader_away.py LOCAL_CLIENT_URL PEER_CLIENT_URL... ACTION ROLE SCOPE
+    python etcd_leader_away.py LOGIN_FILE LOCAL_CLIENT_URL PEER_CLIENT_URL... ACTION ROLE SCOPE
+LOGIN_FILE (JSON {"name", "password"}, 0600, Patroni's user): the etcd account to log in with
+once etcd asks for logins. Only root may move etcd's leadership.
 Standard library only: it runs in Patroni's venv.
 """
 
 import json
 import sys
+import urllib.error
 import urllib.request
 
+_tokens: dict[str, str] = {}
+_login: dict = {}
 
-def post(url: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+
+def _raw(url: str, path: str, body: dict) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if url in _tokens:
+        headers["Authorization"] = _tokens[url]
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST", headers=headers)
     with urllib.request.urlopen(req, timeout=3) as r:
         return json.loads(r.read() or b"{}")
 
 
+def post(url: str, path: str, body: dict) -> dict:
+    try:
+        return _raw(url, path, body)
+    except urllib.error.HTTPError as e:
+        if not _login or url in _tokens:
+            raise
+        text = e.read().decode(errors="replace")
+        if "user name is empty" not in text and "permission denied" not in text:
+            raise
+    _tokens[url] = _raw(url, "/v3/auth/authenticate", _login)["token"]
+    return _raw(url, path, body)
+
+
 def main(argv: list[str]) -> int:
-    *urls, _action, role, _scope = argv
+    login_file, *urls, _action, role, _scope = argv
     if role not in ("primary", "master") or not urls:
         return 0
+    with open(login_file) as f:
+        _login.update(json.load(f))
     local, peers = urls[0], urls[1:]
     status = post(local, "/v3/maintenance/status", {})
     if status.get("leader") != status.get("header", {}).get("member_id"):

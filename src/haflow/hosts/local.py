@@ -39,6 +39,13 @@ from haflow.rendering import render_template
 AGENT_FILE = "agent.json"
 DB_DIR = "pg"
 DB_RELOCATION_BASE = Path("/var/lib/haflow/db")
+SERVICES_BASE = Path("/var/lib/haflow/clusters")
+# As root, each service runs as its own system user (the packages create all but `airflow`,
+# which `haflow prereqs --install` and `up` create); PostgreSQL runs as `postgres` (NodeLayout.db_user).
+SERVICE_USERS = {"etcd": "etcd", "haproxy": "haproxy", "rabbitmq": "rabbitmq", "airflow": "airflow",
+                 "airflow-worker": "airflow-worker"}
+# Folders a cluster made by haflow < 0.9 kept in the state directory (every service ran as root).
+IN_STATE_DIR_SERVICES = ("etcd", "rabbitmq", "airflow")
 RUNNING_STATES = {"RUNNING", "STARTING"}
 
 
@@ -73,12 +80,16 @@ class LocalHost:
         self.cluster = cluster
         self.run_base = runtime_base(state_dir)
         self._relocated: bool | None = None
+        self._outside: bool | None = None
 
     # --- layout ---------------------------------------------------------------------------------
     def layout(self, node: str) -> NodeLayout:
         root = self.state_dir / "nodes" / node
+        outside = self.services_outside()
+        shared = self._services_base() if outside else self.state_dir
         return NodeLayout(
             root=root,
+            services=self._services_base() / node if outside else root,
             db_root=self._db_base() / node if self._db_relocated() else root / DB_DIR,
             run=self.run_base / node,
             logs=root / "logs",
@@ -86,9 +97,33 @@ class LocalHost:
             db_user=default_db_user(),
             # All nodes share this machine's disk: one task log folder serves every api-server,
             # and Airflow's log servers (which bind every address) stay off.
-            task_logs=self.state_dir / "airflow-task-logs",
+            task_logs=shared / "airflow-task-logs",
             serve_task_logs=False,
+            users=tuple(SERVICE_USERS.items()) if outside else (),
         )
+
+    def services_outside(self) -> bool:
+        """As root, every service runs as its own user, which cannot reach a private (0700)
+        state directory: their files live under /var/lib/haflow/clusters, one folder per
+        service owned by its user. Decided once per cluster, from the disk when it exists."""
+        if self._outside is None:
+            placed = self._services_placed_outside()
+            self._outside = is_root() if placed is None else placed
+        return self._outside
+
+    def services_run_as_root(self) -> bool:
+        """A cluster created by an older haflow keeps its service data in the state directory,
+        where only root reaches it: its services keep running as root."""
+        return is_root() and not self.services_outside()
+
+    def _services_placed_outside(self) -> bool | None:
+        if any(d.is_dir() and not d.is_symlink()
+               for name in IN_STATE_DIR_SERVICES for d in (self.state_dir / "nodes").glob(f"*/{name}")):
+            return False
+        return True if self._services_base().is_dir() else None
+
+    def _services_base(self) -> Path:
+        return SERVICES_BASE / self.run_base.name
 
     def _db_relocated(self) -> bool:
         """As root, PostgreSQL runs as `postgres`, which cannot reach a state directory under,
@@ -145,7 +180,13 @@ class LocalHost:
         """Make files and directories as desired; render the node's supervisord config.
         Returns the files that changed (none on a re-run)."""
         layout = self.layout(node)
-        for d in [Directory(layout.root, 0o755), Directory(layout.run, 0o755), Directory(layout.logs, 0o755), *desired.dirs]:
+        # Private to haflow, unless an older cluster's services still live (and run as root) in it
+        # next to a database that `postgres` reaches through it.
+        private = 0o755 if self.services_run_as_root() and not self._db_relocated() else 0o700
+        base = [Directory(layout.root, private), Directory(layout.run, 0o755), Directory(layout.logs, 0o700)]
+        if layout.services != layout.root:  # each service's own folder inside is 0700 and its user's
+            base += [Directory(layout.services.parent, 0o755), Directory(layout.services, 0o755)]
+        for d in [*base, *desired.dirs]:
             _ensure_dir(d)
         link = layout.root / DB_DIR
         if layout.db_root != link and not link.is_symlink():
@@ -257,6 +298,11 @@ class LocalHost:
 
     def _replace_program(self, node: str, name: str) -> None:
         rpc = self._rpc(node)
+        try:  # a program retrying a failed start (BACKOFF) is not running, but must stop first
+            rpc.supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault as e:
+            if "NOT_RUNNING" not in e.faultString:
+                raise
         rpc.supervisor.removeProcessGroup(name)
         rpc.supervisor.addProcessGroup(name)
 
@@ -338,18 +384,29 @@ class LocalHost:
         live = ProcRef.of(info["pid"], ref.label)
         return live if live and abs(live.create_time - ref.create_time) <= 2 else None
 
+    def changed_since_start(self, node: str, service: str, paths: tuple[Path, ...]) -> bool:
+        """Whether one of `paths` was written after the running service started."""
+        ref = self.service_proc(node, service)
+        if ref is None:
+            return False
+        return any(p.exists() and p.stat().st_mtime > ref.create_time for p in paths)
+
     # --- one-shot commands and folders ----------------------------------------------------------
-    def run(self, node: str, argv: list[str], env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
-        """Run a command on the node (here: this machine) and wait; returns (exit code, output)."""
+    def run(self, node: str, argv: list[str], env: dict[str, str], timeout: float = 600,
+            user: str | None = None, cwd: Path | None = None) -> tuple[int, str]:
+        """Run a command on the node (here: this machine) as `user` (None: haflow's own) and
+        wait; returns (exit code, output)."""
+        uid, gid = _ids(user) or (None, None)
         try:
-            r = subprocess.run(argv, env=env, cwd=self.layout(node).root, capture_output=True, text=True, timeout=timeout)
+            r = subprocess.run(argv, env=env, cwd=cwd or self.layout(node).root, capture_output=True, text=True,
+                               timeout=timeout, user=uid, group=gid, extra_groups=None if uid is None else [])
         except subprocess.TimeoutExpired:
             return 124, f"timed out after {timeout:.0f}s"
         return r.returncode, (r.stdout + r.stderr)
 
-    def sync_folder(self, node: str, source: Path, link: Path, version: str) -> bool:
-        """Make `link` point at an exact copy of `source`, switched atomically (a reader sees the
-        old tree or the new one, never a half-copied one). True if anything changed."""
+    def sync_folder(self, node: str, source: Path, link: Path, version: str, owner: str | None = None) -> bool:
+        """Make `link` point at an exact copy of `source` owned by `owner`, switched atomically
+        (a reader sees the old tree or the new one, never a half-copied one). True if anything changed."""
         target = link.parent / f"{link.name}.{version}"
         if link.is_symlink() and os.readlink(link) == target.name and target.is_dir():
             return False
@@ -358,10 +415,12 @@ class LocalHost:
             shutil.rmtree(tmp, ignore_errors=True)
             # symlinks stay links: a link to /etc must not copy /etc onto every node
             shutil.copytree(source, tmp, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            _chown_tree(tmp, owner)
             os.replace(tmp, target)
         new_link = link.parent / f".{link.name}.link"
         new_link.unlink(missing_ok=True)
         new_link.symlink_to(target.name)
+        _chown_tree(new_link, owner)
         if link.exists() and not link.is_symlink():
             shutil.rmtree(link)  # a plain folder from an earlier layout
         os.replace(new_link, link)
@@ -442,6 +501,7 @@ class LocalHost:
     def purge(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         shutil.rmtree(self._db_base(), ignore_errors=True)
+        shutil.rmtree(self._services_base(), ignore_errors=True)
         shutil.rmtree(self.run_base, ignore_errors=True)
 
 
@@ -468,6 +528,35 @@ def _ids(owner: str | None) -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
+def _chown_tree(root: Path, owner: str | None) -> None:
+    """Give a copied tree to its service user and its group, readable by the group, closed to
+    others (links themselves are changed, never what they point at)."""
+    ids = _ids(owner)
+    if ids is None:
+        return
+    inside = [] if root.is_symlink() else [Path(d) / n for d, dirs, files in os.walk(root) for n in [*dirs, *files]]
+    for path in [root, *inside]:
+        os.lchown(path, *ids)
+        if not path.is_symlink():
+            mode = stat.S_IMODE(path.stat().st_mode)
+            group = stat.S_IRGRP | (stat.S_IXGRP if path.is_dir() or mode & stat.S_IXUSR else 0)
+            os.chmod(path, (mode | group) & ~0o007)
+
+
+def _open_to_group(root: Path) -> None:
+    """Folders below `root` group-writable (setgid, so new entries keep the group), files
+    group-readable and -writable; links untouched."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) | stat.S_ISGID | stat.S_IRWXG)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) | stat.S_IRGRP | stat.S_IWGRP)
+
+
 def _ensure_dir(d: Directory) -> bool:
     changed = False
     if not d.path.is_dir():
@@ -476,6 +565,8 @@ def _ensure_dir(d: Directory) -> bool:
     st = d.path.stat()
     if stat.S_IMODE(st.st_mode) != d.mode:
         os.chmod(d.path, d.mode)
+        if d.group_tree:
+            _open_to_group(d.path)
         changed = True
     ids = _ids(d.owner)
     if ids and (st.st_uid, st.st_gid) != ids:
