@@ -133,7 +133,10 @@ class LocalHost:
             self._relocated = self._db_placed_outside()
             if self._relocated is None:
                 user = default_db_user()
-                self._relocated = is_root() and user != "root" and not reachable_by(self.state_dir, user)
+                # a new cluster's state directory becomes 0700 (StateDir.claim), whatever its
+                # parent is now: decided before the directory exists, the answer must be the same
+                new = not (self.state_dir / "nodes").exists()
+                self._relocated = is_root() and user != "root" and (new or not reachable_by(self.state_dir, user))
         return self._relocated
 
     def _db_placed_outside(self) -> bool | None:
