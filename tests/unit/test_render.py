@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from haflow.cluster import Cluster
-from haflow.components import etcd, haproxy, patroni
 from haflow.spec import default_spec_text, parse_spec
 from tests.conftest import require_binary
 
