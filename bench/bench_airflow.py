@@ -308,6 +308,9 @@ def write_section(r: dict) -> None:
         f"| `haflow up` from nothing (packages present) to the example DAG succeeded | {s['cold_up_to_example_dag_s']['median']} s | {s['cold_up_to_example_dag_s']['max']} s | <= 180 s |",
         f"| `haflow up` from stopped to healthy | {s['stopped_to_healthy_s']['median']} s | {s['stopped_to_healthy_s']['max']} s | |",
         "",
+        "Every run, in order: from nothing " + ", ".join(f"{v} s" for v in r["cold_up_to_example_dag_s"])
+        + "; from stopped " + ", ".join(f"{v} s" for v in r["stopped_to_healthy_s"]) + ".",
+        "",
         "| at rest | value |",
         "|---|---|",
         f"| memory, PSS of every process of the cluster ({r['idle']['processes']} processes) | {s['pss_mib']} MiB |",

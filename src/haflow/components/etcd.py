@@ -194,6 +194,10 @@ AUTH_ERRORS = ("user name is empty", "invalid auth token", "permission denied", 
 def use_root(facts: ClusterFacts, secrets: Secrets) -> None:
     """haflow's own calls log in as root once etcd asks for a login."""
     for m in facts.etcd_members:
+        if _logins.get(m.etcd_client_url) != secrets["etcd_root"]:
+            # another cluster on the same address (purged and recreated in one process): its
+            # token would hang the requests of an etcd without authentication
+            _tokens.pop(m.etcd_client_url, None)
         _logins[m.etcd_client_url] = secrets["etcd_root"]
 
 
@@ -306,6 +310,9 @@ def _request(url: str, path: str, body: dict[str, Any], timeout: float) -> httpx
         try:
             r = httpx.post(f"{url}{path}", json=body, headers=headers, timeout=timeout)
         except httpx.HTTPError:
+            # etcd 3.4 without authentication never answers a request that carries a token it
+            # did not issue: the next call goes without
+            _tokens.pop(url, None)
             return None
         if attempt == 0 and r.status_code != 200 and any(e in r.text for e in AUTH_ERRORS) and url in _logins:
             token, _ = _authenticate(url, _logins[url], timeout)
