@@ -32,10 +32,10 @@ import psutil
 import yaml
 
 from common import save_results
-from haflow.cluster import HOST, Cluster
-from haflow.components import airflow
-from haflow.hosts.local import default_venvs_dir
-from haflow.procs import ProcRef, wait_gone
+from haflow.cluster import Cluster
+from haflow.components import airflow, airflow_api
+from haflow.hosts.local import MACHINE, default_venvs_dir
+from haflow.hosts.procs import ProcRef, wait_gone
 from haflow.secrets import Account, Secrets
 from haflow.spec import default_spec_text, parse_spec
 
@@ -62,7 +62,7 @@ def timed(fn) -> tuple[float, object]:
 
 def cluster_procs(cluster: Cluster) -> list[psutil.Process]:
     out = []
-    for n in [HOST, *cluster.facts.node_names]:
+    for n in [MACHINE, *cluster.facts.node_names]:  # the local host's processes (a benchmark of this machine)
         for ref in cluster.host.processes(n):
             p = ref.process()
             if p:
@@ -96,7 +96,7 @@ def resources(procs: list[psutil.Process], window_s: float) -> dict:
             "idle_cpu_pct_of_one_core": round(100 * (after - before) / window_s, 2), "window_s": window_s}
 
 
-def throughput(client: airflow.ApiClient, reps: int) -> list[float]:
+def throughput(client: airflow_api.ApiClient, reps: int) -> list[float]:
     """Tasks per second of haflow_noop100, trigger to run end, after one warm-up run (discarded:
     the first run after idle pays for cold caches and forks on both setups alike)."""
     deadline = time.monotonic() + 300
@@ -202,8 +202,8 @@ class SingleNode:
             "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": str(airflow.MIN_HEARTBEAT_INTERVAL_S),
         }
 
-    def client(self) -> airflow.ApiClient:
-        return airflow.ApiClient(f"http://{SINGLE}:8080", Secrets({"airflow_admin": Account("admin", self.password)}))
+    def client(self) -> airflow_api.ApiClient:
+        return airflow_api.ApiClient(f"http://{SINGLE}:8080", Secrets({"airflow_admin": Account("admin", self.password)}))
 
     def stop(self) -> None:
         for ref in reversed(self.procs):
@@ -257,7 +257,7 @@ def main() -> None:
         results["idle"] = resources(cluster_procs(cluster), args.idle_window)
         print(f"    {results['idle']}", flush=True)
         print("throughput, HA cluster", flush=True)
-        results["ha_tasks_per_s"] = throughput(cluster.api_client(), args.throughput_reps)
+        results["ha_tasks_per_s"] = throughput(airflow_api.connect(cluster.facts, cluster.secrets), args.throughput_reps)
         slots = cluster.spec.airflow.worker_concurrency * len(cluster.facts.nodes)
         cluster.down()
         print("throughput, single node", flush=True)

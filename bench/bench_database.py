@@ -89,7 +89,7 @@ def node_crash(cluster: Cluster, run_id: int, colocate: bool) -> dict:
     time.sleep(5)
     watch = PrimaryWatch(cluster, leader)
     killed_at = time.time()
-    cluster.kill_node(leader)
+    cluster.host.kill_node(leader)
     watch.start()
     deadline = time.time() + 120
     while time.time() < deadline and not writer.log.first_ack_after(killed_at):

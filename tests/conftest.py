@@ -4,7 +4,7 @@ import pytest
 
 from haflow.components import patroni
 from haflow.hosts.local import default_venvs_dir
-from haflow.prereqs import ensure_venv
+from haflow.hosts.local_provision import ensure_venv
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from haflow import lock
+from haflow import hosts, lock
 from haflow import status as status_mod
-from haflow.cluster import Cluster
+from haflow.cluster import EXAMPLE_TIMEOUT_S, Cluster
+from haflow.components import airflow_api
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL as SCENARIO_NAMES
 from haflow.errors import HaflowError, UserError
@@ -88,7 +89,7 @@ def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[
                  regenerate_secrets: bool = False) -> Cluster:
     spec, spec_dir, state, source = load_checked(spec_file, state_dir)
     return Cluster(spec, state, say or (lambda _: None), spec_dir=spec_dir, source=source,
-                   regenerate_secrets=regenerate_secrets)
+                   regenerate_secrets=regenerate_secrets, host=hosts.for_spec(spec, state))
 
 
 def locked(cluster: Cluster, command: str) -> contextlib.AbstractContextManager[None]:
@@ -194,8 +195,8 @@ def down(spec_file: Path | None, state_dir: Path | None, purge: bool, yes: bool)
     if purge:
         out.print(f"cluster [bold]{cluster.facts.name}[/] stopped and purged ({cluster.state_dir} deleted)")
     else:
-        out.print(f"cluster [bold]{cluster.facts.name}[/] stopped in {result['elapsed_s']}s "
-                  f"({result['stopped_processes']} processes); data kept in {cluster.state_dir}")
+        out.print(f"cluster [bold]{cluster.facts.name}[/] stopped in {result['elapsed_s']}s, nothing left running; "
+                  f"data kept in {cluster.state_dir}")
 
 
 @cli.command()
@@ -219,17 +220,14 @@ def status(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> Non
 @handle_errors
 def prereqs(spec_file: Path | None, state_dir: Path | None, install: bool) -> None:
     """Check (or install) the system packages and runtime venvs the cluster needs."""
-    from haflow import prereqs as prereqs_mod
-
     cluster = make_cluster(spec_file, state_dir, Progress())
     if install:
         done = cluster.ensure_prerequisites()
         out.print("prerequisites ready" + (f": {', '.join(done)}" if done else " (nothing to do)"))
         return
-    need = prereqs_mod.missing(cluster.spec)
+    need = cluster.missing_prerequisites()
     if need:
-        packages = " ".join(sorted({r.apt for r in need}))
-        raise UserError(f"missing {', '.join(r.what for r in need)}; install with: sudo apt-get install -y {packages} (or `haflow prereqs --install` as root)")
+        raise UserError(f"missing {', '.join(need)}; run `haflow prereqs --install` as root")
     out.print("system prerequisites present")
 
 
@@ -326,8 +324,8 @@ def dags_push(spec_file: Path | None, state_dir: Path | None) -> None:
     """Copy the spec's DAG folder to every node (atomically) and check the checksums agree."""
     cluster = make_cluster(spec_file, state_dir, Progress())
     with locked(cluster, "dags push"):
-        done = cluster.push_dags()
-    st = cluster.dags_status()
+        done = cluster.dags.push()
+    st = cluster.dags.status()
     out.print(f"DAGs {st['source_checksum'][:12]} from {st['source']}: " + (", ".join(done) if done else "every node already current"))
     if not st["agree"]:
         raise HaflowError("node DAG folders still differ after the push; check disk space and permissions")
@@ -343,10 +341,11 @@ def dags_trigger(spec_file: Path | None, state_dir: Path | None, dag_id: str, wa
     """Trigger a DAG run through the API (and wait for it)."""
     cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
     if not wait:
-        run_id = cluster.api_client().trigger(dag_id)
+        run_id = airflow_api.connect(cluster.facts, cluster.secrets).trigger(dag_id)
         out.print_json(json.dumps({"dag_id": dag_id, "run_id": run_id})) if as_json else out.print(f"triggered {dag_id}: {run_id}")
         return
-    result = cluster.run_dag(dag_id)
+    result = airflow_api.run_dag(airflow_api.connect(cluster.facts, cluster.secrets), dag_id, EXAMPLE_TIMEOUT_S,
+                                 Progress(not as_json))
     if as_json:
         out.print_json(json.dumps(result))
     else:

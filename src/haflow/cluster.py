@@ -1,9 +1,14 @@
 """Orchestration: bring layers up in order behind health gates, and down in reverse.
 
 Start: etcd -> Patroni (gate: leader + N-1 streaming, one sync standby) -> HAProxy (gate: every
-balancer routes its primary port to the leader) -> the airflow role and database.
-Stop: HAProxy -> Patroni replicas -> Patroni leader -> etcd followers -> etcd leader
-(followers first: stopping all members at once stalls 7 s on leadership transfer).
+balancer routes its primary port to the leader) -> RabbitMQ (epmd first) -> the airflow role and
+database -> Airflow (api-servers, then schedulers, dag-processor candidates, triggerers, workers).
+Stop: Airflow -> RabbitMQ -> HAProxy -> Patroni replicas -> Patroni leader -> etcd followers ->
+etcd leader (followers first: stopping all members at once stalls 7 s on leadership transfer);
+the nodes of one step stop in parallel.
+
+Everything that runs goes through the cluster's host (hosts/base.py): this module never sees a
+PID, a supervisor or a unit file.
 """
 
 from __future__ import annotations
@@ -11,33 +16,26 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import signal
-import shutil
 import time
-from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
-import psycopg
-
-from haflow import prereqs
-from haflow.components import airflow, etcd, haproxy, patroni, postgres, rabbitmq
-from haflow.components.base import DesiredState, Service
+from haflow import hosts
+from haflow.components import REGISTRY, airflow, airflow_api, etcd, haproxy, patroni, postgres, rabbitmq
+from haflow.components.base import DesiredState, Needs, Service
+from haflow.dags import Dags
 from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
 from haflow.fsutil import atomic_write
-from haflow.hosts.local import LocalHost
-from haflow.procs import ProcRef, wait_gone
+from haflow.hosts.base import Host, Target
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.secrets import Secrets
-from haflow.spec import Spec, check_paths, dags_folder
+from haflow.spec import Spec
 from haflow.statedir import StateDir
 
 Say = Callable[[str], None]
 
-HOST = "_host"  # the machine-wide supervisor (epmd); node names cannot start with "_"
 ETCD_TIMEOUT_S = 60
 BROKER_TIMEOUT_S = 120
 DATABASE_TIMEOUT_S = 180
@@ -55,7 +53,7 @@ def _quiet(_: str) -> None:
 
 class Cluster:
     def __init__(self, spec: Spec, state_dir: Path, say: Say = _quiet, spec_dir: Path | None = None,
-                 source: str = "the spec", regenerate_secrets: bool = False) -> None:
+                 source: str = "the spec", regenerate_secrets: bool = False, host: Host | None = None) -> None:
         self.spec = spec
         self.spec_dir = spec_dir or Path.cwd()
         self.source = source  # how errors name the spec (its path, or "the embedded default spec")
@@ -63,13 +61,15 @@ class Cluster:
         self.state_dir = state_dir
         self.state = StateDir(state_dir)
         self.state.check_owner(spec, source)  # before anything reads or touches another cluster's files
-        self.host = LocalHost(state_dir, spec.cluster)
+        self.host = host or hosts.for_spec(spec, state_dir)
+        self.dags = Dags(spec, self.spec_dir, state_dir, self.host)
         self.say = say
         self.regenerate_secrets = regenerate_secrets
         self._secrets: Secrets | None = None
         self._services: dict[str, dict[str, Service]] = {}
         self._config_digests: dict[str, dict[str, str]] = {}  # per node: service -> digest of its restart files
         self._stale: dict[str, set[str]] = {}  # per node: running services whose definition changed
+        self._applied_cache: dict[str, dict[str, str]] = {}  # per node: APPLIED_FILE's content
 
     @property
     def secrets(self) -> Secrets:
@@ -92,18 +92,18 @@ class Cluster:
 
     def removed_nodes_running(self) -> list[str]:
         """Nodes recorded here that left the spec but still run processes."""
-        return [n for n in self.state.removed_nodes(self.spec) if self.host.node_up(n) or self.host.processes(n)]
+        return [n for n in self.state.removed_nodes(self.spec) if self._alive(n)]
+
+    def _alive(self, target: Target) -> bool:
+        return self.host.running(target) or bool(self.host.leftovers(target, timeout=0))
 
     # --- desired state ------------------------------------------------------------------------
     def desired(self, node: str) -> DesiredState:
         n = self.facts.node(node)
         layout = self.host.layout(node)
         state = DesiredState()
-        state.extend(etcd.render(self.facts, n, layout))
-        state.extend(patroni.render(self.facts, n, layout, self.secrets))
-        state.extend(haproxy.render(self.facts, n, layout, self.secrets))
-        state.extend(rabbitmq.render(self.facts, n, layout, self.secrets))
-        state.extend(airflow.render(self.facts, n, layout, self.secrets))
+        for component in REGISTRY:
+            state.extend(component.render(self.facts, n, layout, self.secrets))
         return state
 
     # --- up -----------------------------------------------------------------------------------
@@ -119,9 +119,6 @@ class Cluster:
         self._preflight()  # cheap, and bad input must fail before anything is installed
         changed += self.ensure_secrets()
         changed += self.ensure_prerequisites()
-        if self.host.services_run_as_root():
-            self.say("this cluster was created by an older haflow: its services keep running as root (their data "
-                     "lives in the state directory); a cluster created now runs each service as its own user")
         for node in self.removed_nodes_running():
             self.say(f"{node} is no longer in the spec but still runs; `haflow down` stops it")
             changed.append(f"{node}: not in the spec, still running (left alone; `haflow down` stops it)")
@@ -146,11 +143,10 @@ class Cluster:
         return result
 
     def _preflight(self) -> None:
-        problems = [p for n in self.facts.node_names
-                    for p in self.host.preflight(n, self.facts.node(n).address, self.facts.listen_ports(n))]
-        if not self.host.node_up(HOST):
-            problems += [p for (address, port), field in self.facts.host_listen_ports().items()
-                         for p in self.host.preflight(HOST, address, {port: field})]
+        problems = [p for n in self.facts.nodes
+                    for p in self.host.preflight(n.name, {(n.address, port): field
+                                                          for port, field in self.facts.listen_ports(n.name).items()})]
+        problems += [p for m in self.host.machines() for p in self.host.preflight(m, self.facts.host_listen_ports())]
         if problems:
             raise UserError(f"cannot start the cluster here: {len(problems)} problem(s)", details=problems)
 
@@ -165,11 +161,16 @@ class Cluster:
                                           for s in desired.services}
             file_changes[node] = self.host.apply(node, desired)
             changed += [str(p) for p in file_changes[node]]
-        file_changes[HOST] = self.host.apply(HOST, rabbitmq.render_epmd(self.facts, self.host.layout(HOST)))
-        for node in [HOST, *self.facts.node_names]:
-            if self.host.ensure_agent(node):
+            self._applied_cache[node] = self._read_applied(node)
+        for machine in self.host.machines():  # one epmd per machine, for every node on it
+            changed += [str(p) for p in self.host.apply(machine, rabbitmq.render_machine(
+                self.facts, self.host.machine_layout(machine), machine.nodes))]
+            if self.host.boot(machine):
+                changed.append(f"machine {machine.name}: started its supervisor")
+        for node in self.facts.node_names:
+            if self.host.boot(node):
                 changed.append(f"{node}: started supervisor")
-            self._stale[node] = set(self.host.stale_services(node))  # asked once per `up`
+            self._stale[node] = set(self.host.stale(node))  # asked once per `up`
         return file_changes
 
     def _up_dcs(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
@@ -181,7 +182,7 @@ class Cluster:
 
     def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> dict[str, Any]:
         self.say("starting Patroni")
-        changed += self._ensure_service(patroni.NAME, self.facts.node_names, file_changes, reload_signal="HUP",
+        changed += self._ensure_service(patroni.NAME, self.facts.node_names, file_changes, reload=True,
                                         gate=("database", lambda: patroni.probe(self.facts)),
                                         last=patroni.probe(self.facts)["leader"])
         db = self._wait(
@@ -236,8 +237,9 @@ class Cluster:
 
     def _up_broker(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting RabbitMQ (epmd first)")
-        if self.host.start(HOST, rabbitmq.EPMD):
-            changed.append("started epmd")
+        for machine in self.host.machines():
+            if self.host.start(machine, rabbitmq.EPMD):
+                changed.append(f"machine {machine.name}: started epmd")
         broker = functools.partial(rabbitmq.probe, self.facts, self.secrets)
         changed += self._ensure_service(rabbitmq.NAME, self.facts.node_names, file_changes, gate=("broker", broker))
         self._wait(f"broker ({len(self.facts.nodes)} RabbitMQ nodes running in one cluster, no alarms)",
@@ -245,7 +247,7 @@ class Cluster:
 
     def _up_airflow(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         nodes = self.facts.node_names
-        changed += self.push_dags()
+        changed += self.dags.push()
         self._migrate_airflow_db(changed)
         self.say("starting Airflow api-servers")
         changed += self._ensure_service(airflow.API, nodes, file_changes, gate=("api-servers", self._api_servers_probe))
@@ -268,7 +270,7 @@ class Cluster:
         if self.spec.airflow.auth_manager != "fab":
             return []
         node = self.facts.nodes[0]
-        if airflow.login_works(f"http://{node.api_balancer}", self.secrets):
+        if airflow_api.login_works(f"http://{node.api_balancer}", self.secrets):
             return []
         layout = self.host.layout(node.name)
         argv, extra = airflow.admin_command(self.facts, layout, self.secrets)
@@ -299,135 +301,35 @@ class Cluster:
         marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
         changed.append(f"migrated the Airflow database to {self.spec.airflow.version}")
 
-    # --- DAGs and the Airflow layer -------------------------------------------------------------
-    def dags_source(self) -> Path:
-        """The spec's DAG folder (relative to the spec file), or the shipped examples."""
-        folder = dags_folder(self.spec, self.spec_dir)
-        if folder is None:
-            return Path(str(resources.files("haflow").joinpath("examples", "dags")))
-        check_paths(self.spec, self.spec_dir, self.state_dir)  # it may have moved since the spec was loaded
-        return folder
-
-    def dags_bundle(self) -> Path:
-        """What every node gets: the DAG folder plus haflow's additions (airflow.bundle_extras),
-        staged in the state directory when there are any."""
-        source = self.dags_source()
-        extras = airflow.bundle_extras(source)
-        if not extras:
-            return source
-        staged = self.state_dir / "dags-staged"
-        tmp = self.state_dir / ".dags-staged.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        for name, path in extras.items():
-            shutil.copy2(path, tmp / name)
-        shutil.rmtree(staged, ignore_errors=True)
-        tmp.rename(staged)
-        return staged
-
-    def push_dags(self) -> list[str]:
-        """Copy the DAG folder to every node, each switched atomically; returns what changed."""
-        bundle = self.dags_bundle()
-        checksum = airflow.folder_checksum(bundle)
-        done = []
-        for node in self.facts.node_names:
-            layout = self.host.layout(node)
-            link = airflow.dags_dir(layout)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if self.host.sync_folder(node, bundle, link, checksum[:12], owner=layout.user("airflow")):
-                done.append(f"{node}: DAGs {checksum[:12]}")
-        return done
-
-    def dags_status(self) -> dict[str, Any]:
-        try:
-            source = self.dags_source()
-            want = airflow.folder_checksum(source, airflow.bundle_extras(source))
-        except UserError:
-            source, want = None, None
-        nodes = []
-        for node in self.facts.node_names:
-            link = airflow.dags_dir(self.host.layout(node))
-            nodes.append({"node": node, "checksum": airflow.folder_checksum(link) if link.is_dir() else None})
-        sums = {n["checksum"] for n in nodes}
-        return {"source": str(source) if source else None, "source_checksum": want, "nodes": nodes,
-                "agree": len(sums) == 1 and None not in sums, "current": sums == {want}}
-
-    def live_pg_endpoint(self) -> str:
-        """The primary port of the first node that is up (its balancer answers)."""
-        return next((n.pg_primary for n in self.facts.nodes if self.host.node_up(n.name)), self.facts.nodes[0].pg_primary)
-
-    def connect_airflow_db(self) -> psycopg.Connection:
-        """The Airflow database through the first balancer that answers (ClusterUnhealthy if none)."""
-        last: Exception | None = None
-        for n in self.facts.nodes:
-            try:
-                return postgres.connect_airflow(self.facts, self.secrets, n.pg_primary)
-            except psycopg.OperationalError as e:
-                last = e
-        raise ClusterUnhealthy(f"no balancer routes to the database ({last}); run `haflow status`")
-
+    # --- the Airflow layer ----------------------------------------------------------------------
     def airflow_probe(self) -> dict[str, Any]:
-        return airflow.probe(self.facts, self.secrets, self.dags_status(), self.live_pg_endpoint())
-
-    def api_client(self) -> airflow.ApiClient:
-        last: Exception | None = None
-        for n in self.facts.nodes:
-            try:
-                return airflow.ApiClient(f"http://{n.api_balancer}", self.secrets)
-            except httpx.HTTPError as e:
-                last = e
-        raise ClusterUnhealthy(f"no api-server answers through any balancer ({last}); run `haflow status`")
-
-    def run_dag(self, dag_id: str, timeout: float = EXAMPLE_TIMEOUT_S) -> dict[str, Any]:
-        """Trigger a DAG run and wait for its end; returns its state and where its tasks ran."""
-        client = self.api_client()
-        deadline = time.monotonic() + timeout
-        while client.get(f"/dags/{dag_id}").status_code == 404:  # not parsed yet
-            if time.monotonic() > deadline:
-                raise ClusterUnhealthy(f"DAG {dag_id} was not parsed within {timeout:.0f}s; check the dag-processor log")
-            time.sleep(1)
-        t0 = time.monotonic()
-        run_id = client.trigger(dag_id)
-        self.say(f"triggered {dag_id} ({run_id}), waiting for it to finish")
-        state = "queued"
-        while state not in ("success", "failed") and time.monotonic() < deadline:
-            time.sleep(1)
-            state = client.run_state(dag_id, run_id)
-        tis = client.task_instances(dag_id, run_id)
-        return {
-            "dag_id": dag_id,
-            "run_id": run_id,
-            "state": state,
-            "duration_s": round(time.monotonic() - t0, 1),
-            "tasks": len(tis),
-            "nodes": sorted({ti.get("hostname") for ti in tis if ti.get("hostname")}),
-        }
+        return airflow.probe(self.facts, self.secrets, self.dags.status(), postgres.live_primary_endpoint(self.facts))
 
     def run_example_dag(self) -> dict[str, Any]:
-        result = self.run_dag(EXAMPLE_DAG)
+        result = airflow_api.run_dag(airflow_api.connect(self.facts, self.secrets), EXAMPLE_DAG, EXAMPLE_TIMEOUT_S, self.say)
         if result["state"] != "success":
             raise ClusterUnhealthy(f"the example DAG run {result['run_id']} ended {result['state']}; see the task logs in the UI")
         return result
 
-    def ensure_prerequisites(self) -> list[str]:
-        """Distro packages and runtime venvs; returns what was installed (nothing on a re-run)."""
-        self.say("checking prerequisites")
-        changed = [f"installed {p}" for p in prereqs.ensure_system(self.spec, self.say)]
+    def needs(self) -> Needs:
+        """What every machine must have: the sum of what each component declares."""
         layout = self.host.layout(self.facts.node_names[0])
-        users = sorted({u for _, u in layout.users})
-        changed += [f"created system user {u}" for u in prereqs.ensure_service_users(users, self.say)]
-        venv = patroni.venv_dir(layout, self.spec.database.patroni_version)
-        if prereqs.ensure_venv(venv, [patroni.requirement(self.spec.database.patroni_version)], self.say):
-            changed.append(f"built {venv}")
-        prereqs.check_traversable(venv, layout.db_user)
-        af_venv = airflow.venv_dir(layout, self.spec.airflow.version)
-        if prereqs.ensure_venv(af_venv, airflow.requirements(self.spec.airflow.version), self.say):
-            changed.append(f"built {af_venv}")
-        prereqs.check_traversable(af_venv, layout.user("airflow") or "root")
-        return changed
+        total = Needs()
+        for component in REGISTRY:
+            total = total + component.needs(self.facts, layout)
+        return total
+
+    def missing_prerequisites(self) -> list[str]:
+        return [f"{m.name}: {p}" for m in self.host.machines() for p in self.host.missing(m, self.needs())]
+
+    def ensure_prerequisites(self) -> list[str]:
+        """Distro packages, system users and runtime venvs on every machine; returns what was
+        done (nothing on a re-run)."""
+        self.say("checking prerequisites")
+        return [c for m in self.host.machines() for c in self.host.provision(m, self.needs(), self.say)]
 
     def _ensure_service(
-        self, service: str, nodes: list[str], file_changes: dict[str, list[Path]], reload_signal: str | None = None,
+        self, service: str, nodes: list[str], file_changes: dict[str, list[Path]], reload: bool = False,
         gate: tuple[str, Callable[[], dict[str, Any]]] | None = None, last: str | None = None,
     ) -> list[str]:
         """Start the service where it is not running; where its config changed, reload it, or
@@ -442,8 +344,8 @@ class Cluster:
             elif self._config_stale(node, service, file_changes) or service in self._stale.get(node, ()):
                 stale.append(node)
         for node in sorted(stale, key=lambda n: n == last):
-            if reload_signal and service not in self._stale.get(node, ()):
-                self.host.signal(node, service, getattr(signal, f"SIG{reload_signal}"))
+            if reload and service not in self._stale.get(node, ()):
+                self.host.reload(node, service)
                 done.append(f"{node}: reloaded {service}")
                 self._record_applied(node, service)
                 continue
@@ -460,15 +362,21 @@ class Cluster:
     def _applied_file(self, node: str) -> Path:
         return self.host.layout(node).root / APPLIED_FILE
 
-    def _applied(self, node: str) -> dict[str, str]:
+    def _read_applied(self, node: str) -> dict[str, str]:
         try:
             data = json.loads(self._applied_file(node).read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
 
+    def _applied(self, node: str) -> dict[str, str]:
+        if node not in self._applied_cache:
+            self._applied_cache[node] = self._read_applied(node)
+        return self._applied_cache[node]
+
     def _record_applied(self, node: str, service: str) -> None:
-        applied = {**self._applied(node), service: self._config_digests[node][service]}
+        applied = self._applied(node)
+        applied[service] = self._config_digests[node][service]
         atomic_write(self._applied_file(node), json.dumps(applied, indent=1, sort_keys=True), 0o600)
 
     def _config_stale(self, node: str, service: str, file_changes: dict[str, list[Path]]) -> bool:
@@ -499,14 +407,13 @@ class Cluster:
 
     # --- down ---------------------------------------------------------------------------------
     def down(self) -> dict[str, Any]:
-        """Orderly stop of every node; data kept. Returns the processes that were stopped."""
+        """Orderly stop of every node; data kept. Raises ClusterUnhealthy if anything is left."""
         t0 = time.monotonic()
         nodes = self.facts.node_names
         removed = self.state.removed_nodes(self.spec)
-        before = [r for n in [HOST, *nodes, *removed] for r in self.host.processes(n)]
         if removed:
             self.say(f"stopping nodes no longer in the spec: {', '.join(removed)}")
-            self._parallel(self.host.stop_agent, removed)
+            self._parallel(self.host.stop_node, removed)
         self.say("stopping Celery workers (warm: running tasks finish)")
         self._parallel(lambda n: self.host.stop(n, airflow.WORKER), nodes)
         self.say("stopping schedulers, triggerers, dag-processors, api-servers")
@@ -523,7 +430,6 @@ class Cluster:
         self._parallel(lambda n: self.host.stop(n, patroni.NAME), [n for n in nodes if n != leader])
         if leader:
             self.host.stop(leader, patroni.NAME)
-        self._parallel(self.host.reap_leftovers, nodes)
 
         self.say("stopping etcd (followers first, then the leader)")
         etcd_leader = etcd.leader_name(self.facts, timeout=1.0)
@@ -533,12 +439,13 @@ class Cluster:
             self.host.stop(etcd_leader, etcd.NAME)
 
         self.say("stopping supervisors")
-        self._parallel(self.host.stop_agent, nodes)
-        self.host.stop_agent(HOST)  # epmd last: the RabbitMQ nodes deregister from it
-        left = wait_gone(before, 10)
+        self._parallel(self.host.stop_node, nodes)
+        for machine in self.host.machines():  # epmd last: the RabbitMQ nodes deregister from it
+            self.host.stop_node(machine)
+        left = [p for t in [*removed, *nodes, *self.host.machines()] for p in self.host.leftovers(t)]
         if left:
-            raise ClusterUnhealthy(f"processes still running after down: {', '.join(f'{r.label}[{r.pid}]' for r in left)}")
-        return {"stopped_processes": len(before), "elapsed_s": round(time.monotonic() - t0, 1)}
+            raise ClusterUnhealthy(f"processes still running after down: {', '.join(left)}")
+        return {"elapsed_s": round(time.monotonic() - t0, 1)}
 
     @staticmethod
     def _parallel(fn: Callable[[str], Any], nodes: list[str]) -> None:
@@ -551,7 +458,8 @@ class Cluster:
 
     def purge(self) -> None:
         self.check_purgeable()
-        running = [n for n in [HOST, *self.state.recorded_nodes(self.spec)] if self.host.node_up(n) or self.host.processes(n)]
+        targets: list[Target] = [*self.host.machines(), *self.state.recorded_nodes(self.spec)]
+        running = [t if isinstance(t, str) else f"machine {t.name}" for t in targets if self._alive(t)]
         if running:
             raise UserError(f"the cluster is still running ({', '.join(running)}); run `haflow down` first, "
                             "then `haflow down --purge --yes`")
@@ -575,27 +483,11 @@ class Cluster:
         return {"from": leader, "to": candidate, "elapsed_s": round(time.monotonic() - t0, 1),
                 "etcd_leader_moved_to": moved}
 
-    # --- faults (drills, tests, benchmarks) ---------------------------------------------------
-    def kill_node(self, node: str) -> list[ProcRef]:
-        """Every process of the node dies at once; it stays down until `up`."""
-        self.facts.node(node)
-        return self.host.kill_node(node)
-
-    def kill_all(self) -> list[ProcRef]:
-        """Every process of the cluster on this host dies at once, the machine-wide supervisor
-        (epmd) included: a power cut, or a teardown's last resort after `down`."""
-        return [r for node in [HOST, *self.facts.node_names] for r in self.host.kill_node(node)]
-
-    def kill_service(self, node: str, service: str) -> list[ProcRef]:
-        """One service of a node dies (SIGKILL); the node's supervisor restarts it."""
-        self.facts.node(node)
-        return self.host.kill_service(node, service)
-
-    def crash_database(self, node: str) -> list[ProcRef]:
-        """Patroni and PostgreSQL of a node die together (Patroni double-forks PostgreSQL, so
-        killing Patroni alone would leave it running); the supervisor restarts Patroni."""
-        self.facts.node(node)
-        return self.host.kill_service(node, patroni.NAME) + self.host.kill_postmaster(node)
+    # --- last resort ----------------------------------------------------------------------------
+    def kill_all(self) -> int:
+        """Every process of the cluster dies at once, the machines' own services (epmd) included:
+        a teardown's last resort after `down`. Returns how many processes died."""
+        return sum(self.host.kill_node(t) for t in [*self.facts.node_names, *self.host.machines()])
 
 
 def _digest(parts: list[str]) -> str:

@@ -9,6 +9,7 @@ intact and says so in one line.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 
@@ -43,3 +44,23 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, owner: tuple[
             raise DiskFull(f"{path}: no space left on the device to write it; free some space and re-run "
                            "(the previous version of the file is intact)") from None
         raise HaflowError(f"{path}: could not write it ({e.strerror}); the previous version is intact") from None
+
+
+def tree_checksum(folder: Path, extra: dict[str, Path] | None = None) -> str:
+    """sha256 over the sorted relative paths and contents of every file (no __pycache__), as
+    if the `extra` files (relative name -> file) were in the folder too. A symlink counts as
+    its target's name, never what it points at (it is copied as a link)."""
+    files: dict[Path, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):  # does not follow linked folders
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in [f for f in filenames if not f.endswith(".pyc")] + linked_dirs:
+            path = Path(dirpath) / name
+            files[path.relative_to(folder)] = path
+    files.update({Path(name): p for name, p in (extra or {}).items()})
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        p = files[rel]
+        body = b"link:" + os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+        h.update(str(rel).encode() + b"\0" + body + b"\0")
+    return h.hexdigest()

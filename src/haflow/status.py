@@ -17,7 +17,8 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
         db_f = pool.submit(patroni.probe, facts)
         broker_f = pool.submit(rabbitmq.probe, facts, secrets) if secrets else None
         nodes = [
-            {"node": n.name, "address": n.address, "supervisor": cluster.host.node_up(n.name)} for n in facts.nodes
+            # "supervisor": the node's init runs (its supervisord here, systemd on a real host)
+            {"node": n.name, "address": n.address, "supervisor": cluster.host.running(n.name)} for n in facts.nodes
         ]
         dcs, database = dcs_f.result(), db_f.result()
     balancer = haproxy.probe(facts, secrets, database["leader"]) if secrets else {
@@ -27,7 +28,7 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
     airflow_layer = cluster.airflow_probe() if secrets else {
         "healthy": False, "api_servers": [], "schedulers": [], "triggerers": [], "dag_processors": [],
         "dag_processor_holder": None, "workers": [], "endpoints": {"api": facts.api_urls},
-        "dags": cluster.dags_status(), "problems": ["cluster not created yet"]}
+        "dags": cluster.dags.status(), "problems": ["cluster not created yet"]}
     broker = broker_f.result() if broker_f else {
         "healthy": False, "members": [{"node": n, "running": False, "alarms": [], "partitions": []} for n in facts.node_names],
         "quorum_queues": [], "classic_queues": [], "endpoints": {"amqp": facts.amqp_endpoints}, "problems": ["cluster not created yet"]}

@@ -68,7 +68,9 @@ def test_erlang_cookie_is_shared_and_private(tmp_path):
 
 def test_one_epmd_for_the_machine_on_the_node_addresses(tmp_path):
     c = cluster(tmp_path)
-    (epmd,) = rabbitmq.render_epmd(c.facts, c.host.layout("_host")).services
+    (machine,) = c.host.machines()
+    assert machine.nodes == tuple(c.facts.node_names)
+    (epmd,) = rabbitmq.render_machine(c.facts, c.host.machine_layout(machine), machine.nodes).services
     assert epmd.argv[1:] == ("-address", ",".join(ADDRESSES), "-port", "4369")
     assert epmd.user == ("rabbitmq" if os.geteuid() == 0 else None)
 
@@ -123,19 +125,20 @@ def test_unsupported_airflow_version_names_the_field():
 
 
 def test_dag_folder_sync_is_atomic_and_idempotent(tmp_path):
+    from haflow.fsutil import tree_checksum
     from haflow.hosts.local import LocalHost
     src = tmp_path / "dags"
     src.mkdir()
     (src / "a.py").write_text("x = 1\n")
     host = LocalHost(tmp_path / "state", "t")
     link = tmp_path / "node/airflow/dags"
-    link.parent.mkdir(parents=True)
-    v1 = airflow.folder_checksum(src)[:12]
-    assert host.sync_folder("node1", src, link, v1) is True
+    v1 = tree_checksum(src)[:12]
+    assert host.put_tree("node1", src, link) is True
     assert link.is_symlink() and (link / "a.py").read_text() == "x = 1\n"
-    assert host.sync_folder("node1", src, link, v1) is False
+    assert host.tree_checksum("node1", link) == tree_checksum(src)
+    assert host.put_tree("node1", src, link) is False
     (src / "a.py").write_text("x = 2\n")
-    v2 = airflow.folder_checksum(src)[:12]
-    assert v2 != v1 and host.sync_folder("node1", src, link, v2) is True
+    v2 = tree_checksum(src)[:12]
+    assert v2 != v1 and host.put_tree("node1", src, link) is True
     assert (link / "a.py").read_text() == "x = 2\n"
     assert sorted(p.name for p in link.parent.iterdir()) == ["dags", f"dags.{v2}"]  # old copy removed

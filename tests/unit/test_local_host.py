@@ -88,7 +88,8 @@ def test_preflight_names_a_taken_port_and_its_field(tmp_path):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.97", 2379))
         s.listen()
-        problems = host.preflight("node1", "127.0.0.97", {2379: "ports.etcd_client", 5432: "ports.postgres"})
+        problems = host.preflight("node1", {("127.0.0.97", 2379): "ports.etcd_client",
+                                             ("127.0.0.97", 5432): "ports.postgres"})
     assert len(problems) == 1
     assert problems[0].startswith("node1: 127.0.0.97:2379 (ports.etcd_client) is already in use")
     assert "choose another ports.etcd_client" in problems[0]
@@ -96,5 +97,5 @@ def test_preflight_names_a_taken_port_and_its_field(tmp_path):
 
 def test_preflight_refuses_an_address_this_machine_lacks(tmp_path):
     host = LocalHost(tmp_path / "state", "t")
-    (problem,) = host.preflight("node1", "192.0.2.10", {2379: "ports.etcd_client"})
+    (problem,) = host.preflight("node1", {("192.0.2.10", 2379): "ports.etcd_client"})
     assert "192.0.2.10 is not on this machine" in problem

@@ -169,7 +169,7 @@ def test_init_writes_atomically_and_a_full_disk_keeps_the_old_file(tmp_path):
 
 
 def test_dag_folder_symlinks_are_copied_as_links(tmp_path):
-    from haflow.components.airflow import folder_checksum
+    from haflow.fsutil import tree_checksum as folder_checksum
     from haflow.hosts.local import LocalHost
 
     dags = tmp_path / "dags"
@@ -179,8 +179,7 @@ def test_dag_folder_symlinks_are_copied_as_links(tmp_path):
     (dags / "passwd").symlink_to("/etc/passwd")
     host = LocalHost(tmp_path / "state", "prod")
     link = tmp_path / "node" / "dags"
-    link.parent.mkdir()
-    assert host.sync_folder("node1", dags, link, "v1")
+    assert host.put_tree("node1", dags, link)
     assert (link / "etc").is_symlink() and os.readlink(link / "etc") == "/etc"
     assert (link / "passwd").is_symlink()
     assert folder_checksum(link) == folder_checksum(dags)

@@ -1,1 +1,9 @@
-"""One module per component; each renders files, defines processes and probes health."""
+"""One module per component behind one contract (components/base.py), listed once here.
+
+Orchestration renders and provisions every node from REGISTRY, in this order (the order the
+layers start in); status and drills probe the same modules.
+"""
+
+from haflow.components import airflow, etcd, haproxy, patroni, rabbitmq
+
+REGISTRY = (etcd, patroni, haproxy, rabbitmq, airflow)

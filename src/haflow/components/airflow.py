@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,11 @@ from typing import Any
 import httpx
 
 from haflow.components import etcd
-from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.components.base import DesiredState, Directory, File, Needs, Service, Venv
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
+NAME = "airflow"  # the component; its services are these:
 API = "airflow-api-server"
 SCHEDULER = "airflow-scheduler"
 TRIGGERER = "airflow-triggerer"
@@ -54,6 +53,12 @@ def constraints_digest(version: str) -> str:
 def requirements(version: str) -> list[str]:
     return [f"apache-airflow[celery,postgres]=={version}", "apache-airflow-providers-fab",
             "--constraint", str(constraints_file(version))]
+
+
+def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
+    version = facts.spec.airflow.version
+    venv = Venv(venv_dir(layout, version), tuple(requirements(version)), layout.user(NAME))
+    return Needs(venvs=(venv,), users=tuple(u for u in [layout.user(NAME), layout.user(WORKER_USER)] if u))
 
 
 FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
@@ -187,17 +192,6 @@ def admin_command(facts: ClusterFacts, layout: NodeLayout, secrets: Secrets) -> 
     return argv, {"HAFLOW_ADMIN_PASSWORD": admin.password}
 
 
-def login_works(base: str, secrets: Secrets, timeout: float = 10.0) -> bool | None:
-    """Whether the generated admin gets an API token (None: no api-server answered)."""
-    admin = secrets["airflow_admin"]
-    try:
-        r = httpx.post(f"{base.rstrip('/')}/auth/token", json={"username": admin.username, "password": admin.password},
-                       timeout=timeout)
-    except httpx.HTTPError:
-        return None
-    return r.status_code in (200, 201) if r.status_code < 500 else None
-
-
 def passwords_json(secrets: Secrets) -> str:
     admin = secrets["airflow_admin"]
     return json.dumps({admin.username: admin.password})
@@ -267,38 +261,6 @@ def _data(name: str) -> str:
 
 
 # --- DAG folder ---------------------------------------------------------------------------------
-
-
-CANARY_DAG_FILE = "haflow_canary.py"
-
-
-def canary_dag_source() -> Path:
-    return Path(str(resources.files("haflow").joinpath("examples", "dags", CANARY_DAG_FILE)))
-
-
-def folder_checksum(folder: Path, extra: dict[str, Path] | None = None) -> str:
-    """sha256 over the sorted relative paths and contents of every file (no __pycache__), as
-    if the `extra` files (relative name -> file) were in the folder too. A symlink counts as
-    its target's name, never what it points at (it is copied as a link)."""
-    files: dict[Path, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):  # does not follow linked folders
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        for name in [f for f in filenames if not f.endswith(".pyc")] + linked_dirs:
-            path = Path(dirpath) / name
-            files[path.relative_to(folder)] = path
-    files.update({Path(name): p for name, p in (extra or {}).items()})
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        p = files[rel]
-        body = b"link:" + os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
-        h.update(str(rel).encode() + b"\0" + body + b"\0")
-    return h.hexdigest()
-
-
-def bundle_extras(folder: Path) -> dict[str, Path]:
-    """What haflow adds to a DAG folder: its canary DAG (used by `haflow drill`), unless present."""
-    return {} if (folder / CANARY_DAG_FILE).exists() else {CANARY_DAG_FILE: canary_dag_source()}
 
 
 # --- probes -----------------------------------------------------------------------------------
@@ -391,58 +353,3 @@ def probe(facts: ClusterFacts, secrets: Secrets, dags: dict[str, Any], endpoint:
         "dags": dags,
         "problems": problems,
     }
-
-
-# --- REST API -----------------------------------------------------------------------------------
-
-
-class ApiClient:
-    """The Airflow REST API through a node's balancer, as the generated admin."""
-
-    def __init__(self, base: str, secrets: Secrets, timeout: float = 10.0) -> None:
-        self.base = base.rstrip("/")
-        self.http = httpx.Client(timeout=timeout)
-        admin = secrets["airflow_admin"]
-        r = self.http.post(f"{self.base}/auth/token", json={"username": admin.username, "password": admin.password})
-        r.raise_for_status()
-        self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
-
-    def get(self, path: str, attempts: int = 5) -> httpx.Response:
-        """GET is idempotent: retried when an api-server dies under the request."""
-        for attempt in range(attempts):
-            try:
-                return self.http.get(f"{self.base}/api/v2{path}")
-            except httpx.TransportError:
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(1)
-        raise AssertionError("unreachable")
-
-    def post(self, path: str, body: dict[str, Any], attempts: int = 5) -> httpx.Response:
-        """POST is retried only when the connection failed before the request was sent."""
-        for attempt in range(attempts):
-            try:
-                return self.http.post(f"{self.base}/api/v2{path}", json=body)
-            except httpx.ConnectError:
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(1)
-        raise AssertionError("unreachable")
-
-    def patch(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return self.http.patch(f"{self.base}/api/v2{path}", json=body)
-
-    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        r = self.post(f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
-        r.raise_for_status()
-        return r.json()["dag_run_id"]
-
-    def run_state(self, dag_id: str, run_id: str) -> str:
-        r = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
-        r.raise_for_status()
-        return r.json()["state"]
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        r = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")
-        r.raise_for_status()
-        return r.json()["task_instances"]

@@ -1,8 +1,18 @@
-"""The seam between components and hosts: a node's desired state.
+"""The component contract: what a component says about a node, for any host to carry out.
 
-A component says *what* a node needs (files with owner and mode, directories, services with
-argv, env and user); a host makes it so and reports what changed. Components never know
-whether they run locally or over SSH; hosts never know what a component is.
+Every component module (etcd, patroni, haproxy, rabbitmq, airflow; listed once in
+`haflow.components.REGISTRY`) offers:
+
+- ``NAME`` and ``render(facts, node, layout, secrets) -> DesiredState``: the files (owner, mode),
+  directories and services (argv, env, user, and any daemon a service forks that must die with
+  it) one node needs;
+- ``needs(facts, layout) -> Needs``: what must be installed on a machine first (distro packages,
+  runtime venvs, system users);
+- ``probe(...)``: the layer's health, read over the network from the control machine.
+
+A host makes the desired state so and reports what changed. Components never know whether they
+run locally or over SSH; hosts never know what a component is: they see files, folders,
+services and packages only.
 """
 
 from __future__ import annotations
@@ -30,6 +40,17 @@ class Directory:
 
 
 @dataclass(frozen=True)
+class Forks:
+    """A daemon a service starts that outlives it unless stopped too (Patroni double-forks
+    PostgreSQL's postmaster): found by its pid file, recognised by `marker` in its command line,
+    stopped with `stop_signal` when the service has stopped and left it behind."""
+
+    pidfile: Path
+    marker: str
+    stop_signal: str = "INT"  # PostgreSQL: SIGINT is the fast shutdown
+
+
+@dataclass(frozen=True)
 class Service:
     name: str  # unique on the node, e.g. "etcd"
     argv: tuple[str, ...]
@@ -38,7 +59,9 @@ class Service:
     cwd: Path | None = None
     stop_signal: str = "TERM"
     stop_timeout_s: int = 30
+    reload_signal: str | None = None  # takes a changed config without a restart (None: restart)
     restart_files: tuple[Path, ...] = ()  # a change to one of these restarts the service
+    forks: Forks | None = None
 
 
 @dataclass
@@ -51,3 +74,36 @@ class DesiredState:
         self.dirs += other.dirs
         self.files += other.files
         self.services += other.services
+
+
+@dataclass(frozen=True)
+class Package:
+    """A distro package, present when every one of its commands and paths exists."""
+
+    apt: str
+    what: str
+    commands: tuple[str, ...] = ()
+    paths: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Venv:
+    """A runtime virtualenv with exactly these requirements, reachable by `user`."""
+
+    path: Path
+    requirements: tuple[str, ...]
+    user: str | None = None  # None: the user haflow runs as
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a machine must have before a component's services can start there."""
+
+    packages: tuple[Package, ...] = ()
+    venvs: tuple[Venv, ...] = ()
+    users: tuple[str, ...] = ()  # system users to create when missing (the packages create theirs)
+
+    def __add__(self, other: "Needs") -> "Needs":
+        def merge(a: tuple, b: tuple) -> tuple:
+            return a + tuple(x for x in b if x not in a)
+        return Needs(merge(self.packages, other.packages), merge(self.venvs, other.venvs), merge(self.users, other.users))

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
-from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.components.base import DesiredState, Directory, File, Needs, Package, Service
 from haflow.errors import ClusterUnhealthy
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Account, Secrets
@@ -56,7 +56,13 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str
     }
 
 
-def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> DesiredState:
+def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
+    return Needs(packages=(Package("etcd-server", "etcd", commands=(BINARY,)),
+                           Package("etcd-client", "etcdctl", commands=("etcdctl",))),
+                 users=tuple(u for u in [layout.user(NAME)] if u))
+
+
+def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets | None = None) -> DesiredState:
     if not node.is_etcd_member:
         return DesiredState()
     conf = layout.services / "etcd.yaml"

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.components.base import DesiredState, Directory, File, Needs, Package, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.rendering import render_template
 from haflow.secrets import Secrets
@@ -38,6 +38,10 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secret
         rise=b.rise,
         stats_auth=f"{stats.username}:{stats.password}",
     )
+
+
+def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
+    return Needs(packages=(Package("haproxy", "haproxy", commands=(BINARY,)),), users=tuple(u for u in [layout.user(NAME)] if u))
 
 
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:

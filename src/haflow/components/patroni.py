@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
-from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.components.base import DesiredState, Directory, File, Forks, Needs, Package, Service, Venv
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -181,6 +181,19 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     }
 
 
+def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
+    pg = facts.spec.database.postgres_version
+    version = facts.spec.database.patroni_version
+    server = Package(f"postgresql-{pg}", f"PostgreSQL {pg} server", paths=(bin_dir(pg) / "postgres", bin_dir(pg) / "pg_rewind"))
+    return Needs(packages=(server,), venvs=(Venv(venv_dir(layout, version), (requirement(version),), layout.db_user),))
+
+
+def postmaster(layout: NodeLayout) -> Forks:
+    """Patroni double-forks PostgreSQL: the postmaster outlives a killed Patroni. It is the
+    postgres serving this node's data directory, named by the pid file in it."""
+    return Forks(pidfile=layout.pg_data / "postmaster.pid", marker=str(layout.pg_data), stop_signal="INT")
+
+
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
     conf = config_path(layout)
     venv = venv_dir(layout, facts.spec.database.patroni_version)
@@ -205,6 +218,8 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
                 cwd=layout.pg_home,
                 stop_timeout_s=60,
                 restart_files=(conf,),
+                reload_signal="HUP",  # Patroni re-reads patroni.yml (and its etcd login) on SIGHUP
+                forks=postmaster(layout),
             )
         ],
     )

@@ -10,10 +10,12 @@ import base64
 import hashlib
 import hmac
 import os
+import socket
 
 import psycopg
 from psycopg import sql
 
+from haflow.errors import ClusterUnhealthy
 from haflow.facts import ClusterFacts
 from haflow.secrets import Secrets
 
@@ -33,6 +35,29 @@ def connect_airflow(facts: ClusterFacts, secrets: Secrets, endpoint: str, timeou
     account = secrets["postgres_airflow"]
     return psycopg.connect(host=host, port=int(port), user=account.username, password=account.password,
                            dbname=facts.airflow_db, connect_timeout=timeout, autocommit=True)
+
+
+def connect_any(facts: ClusterFacts, secrets: Secrets) -> psycopg.Connection:
+    """The Airflow database through the first balancer that answers (ClusterUnhealthy if none)."""
+    last: Exception | None = None
+    for n in facts.nodes:
+        try:
+            return connect_airflow(facts, secrets, n.pg_primary)
+        except psycopg.OperationalError as e:
+            last = e
+    raise ClusterUnhealthy(f"no balancer routes to the database ({last}); run `haflow status`")
+
+
+def live_primary_endpoint(facts: ClusterFacts, timeout: float = 0.5) -> str:
+    """The primary port of the first balancer that accepts a connection (a dead node's does not)."""
+    for n in facts.nodes:
+        host, port = n.pg_primary.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                return n.pg_primary
+        except OSError:
+            continue
+    return facts.nodes[0].pg_primary
 
 
 SCRAM_ITERATIONS = 4096  # PostgreSQL's own default (scram_iterations)

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.components.base import DesiredState, Directory, File, Needs, Package, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -111,6 +111,11 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, s
     }
 
 
+def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
+    return Needs(packages=(Package("rabbitmq-server", "rabbitmq-server", commands=(EPMD,), paths=(SERVER,)),),
+                 users=tuple(u for u in [layout.user(NAME)] if u))
+
+
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
     h = home(layout)
     user = layout.user(NAME)
@@ -139,11 +144,12 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     )
 
 
-def render_epmd(facts: ClusterFacts, layout: NodeLayout) -> DesiredState:
-    """One epmd for every node on a machine, started before them (P-R4): if a node started one
-    itself, it would daemonize on 0.0.0.0 with no supervisor. It runs as RabbitMQ's user."""
+def render_machine(facts: ClusterFacts, layout: NodeLayout, nodes: tuple[str, ...]) -> DesiredState:
+    """What a machine runs once for its nodes: one epmd, started before them (P-R4): if a node
+    started one itself, it would daemonize on 0.0.0.0 with no supervisor. It runs as RabbitMQ's
+    user and listens on the addresses of the machine's nodes."""
     binary = shutil.which(EPMD) or "/usr/bin/epmd"
-    addresses = ",".join(n.address for n in facts.nodes)
+    addresses = ",".join(facts.node(n).address for n in nodes)
     argv = (binary, "-address", addresses, "-port", str(facts.spec.ports.epmd))
     return DesiredState(services=[Service(EPMD, argv, user=layout.user(NAME), cwd=Path("/"), stop_timeout_s=5)])
 

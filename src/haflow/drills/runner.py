@@ -5,10 +5,12 @@
 
 Measurements: write RTO (first failed to first successful commit after the fault), the longest
 write gap, the task-flow gap (longest time no canary task started or finished), the time until
-the cluster was healthy again. Invariants: no acknowledged write lost, no canary DAG run failed
-or left unfinished, every task instance executed, the cluster healthy again; duplicate task
-executions are counted, not failed (Celery redelivery causes them), as long as every run
-succeeds.
+the cluster was healthy again (stamped when the successful health check ended), task instances
+that needed a retry and the time retries added. Invariants: the fault took effect, no
+acknowledged write lost, every acknowledged canary trigger became a DAG run (and there were
+some), no canary DAG run failed or left unfinished, every task instance executed, the cluster
+healthy again; duplicate task executions are counted, not failed (Celery redelivery causes
+them), as long as every run succeeds.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import psycopg
 
 from haflow import status
 from haflow.cluster import Cluster
-from haflow.components import airflow
+from haflow.components import airflow, airflow_api, postgres
 from haflow.drills import canary
 from haflow.drills.monitor import Monitor, Timeline
-from haflow.drills.scenarios import SCENARIOS, Fault, Scenario
+from haflow.drills.scenarios import SCENARIOS, Fault, Scenario, took_effect
 from haflow.drills.writer import Writer, lost_writes
 from haflow.errors import ClusterUnhealthy, UserError
 
@@ -44,20 +46,21 @@ class DrillOptions:
 
 
 def wait_healthy(cluster: Cluster, timeout_s: float, after: float = 0.0) -> tuple[float | None, dict[str, Any]]:
-    """Poll the status until healthy; returns (time it was, last snapshot) or (None, last)."""
+    """Poll the status until healthy; returns (when the healthy check ended, last snapshot) or
+    (None, last). A check counts only if it began after `after`."""
     deadline = time.monotonic() + timeout_s
     while True:
         started = time.time()
         snap = status.snapshot(cluster)
         if snap["healthy"] and started >= after:
-            return started, snap
+            return time.time(), snap
         if time.monotonic() > deadline:
             return None, snap
         time.sleep(1.0)
 
 
 def _wait_canary_dag(cluster: Cluster, timeout_s: float = 90) -> None:
-    client = cluster.api_client()
+    client = airflow_api.connect(cluster.facts, cluster.secrets)
     deadline = time.monotonic() + timeout_s
     while client.get(f"/dags/{canary.DAG_ID}").status_code == 404:
         if time.monotonic() > deadline:
@@ -70,7 +73,7 @@ def _wait_flowing(cluster: Cluster, writer: Writer, prefix: str, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if writer.log.acknowledged:
-            with cluster.connect_airflow_db() as conn:
+            with postgres.connect_any(cluster.facts, cluster.secrets) as conn:
                 if canary.executions(conn, prefix):
                     return
         time.sleep(1)
@@ -78,13 +81,13 @@ def _wait_flowing(cluster: Cluster, writer: Writer, prefix: str, timeout_s: floa
 
 
 def _victim_back(cluster: Cluster, fault: Fault, since: float, timeout_s: float) -> float | None:
-    """When the supervisor restarted the killed service (a new process, not a killed pid) and,
-    for a scheduler, the new one heartbeats (status counts the dead one's last heartbeat as fresh
-    for a while, so a process alone is not "back")."""
+    """When the init restarted the killed service (a new instance, not a killed one) and, for a
+    scheduler, the new one heartbeats (status counts the dead one's last heartbeat as fresh for
+    a while, so a process alone is not "back")."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ref = cluster.host.service_proc(fault.node, fault.service) if fault.service else None
-        if ref is not None and ref.pid not in fault.killed_pids:
+        now = cluster.host.instance(fault.node, fault.service) if fault.service else None
+        if now is not None and now not in fault.killed:
             if fault.service != airflow.SCHEDULER or _new_scheduler_job(cluster, fault.node, since):
                 return time.time()
         time.sleep(0.2)
@@ -93,7 +96,7 @@ def _victim_back(cluster: Cluster, fault: Fault, since: float, timeout_s: float)
 
 def _new_scheduler_job(cluster: Cluster, node: str, since: float) -> bool:
     try:
-        with cluster.connect_airflow_db() as conn:
+        with postgres.connect_any(cluster.facts, cluster.secrets) as conn:
             row = conn.execute("SELECT 1 FROM job WHERE job_type = 'SchedulerJob' AND state = 'running' AND hostname = %s"
                                " AND start_date > to_timestamp(%s)", (node, since)).fetchone()
         return row is not None
@@ -109,7 +112,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     if opts.node is not None:
         cluster.facts.node(opts.node)  # unknown node -> UserError naming the known ones
 
-    down = [n for n in cluster.facts.node_names if not cluster.host.node_up(n)]
+    down = [n for n in cluster.facts.node_names if not cluster.host.running(n)]
     if down:
         raise ClusterUnhealthy(f"{', '.join(down)} {'is' if len(down) == 1 else 'are'} down, no drill on a broken cluster; run `haflow up` first")
     say(f"[{name}] waiting for a healthy cluster")
@@ -123,10 +126,10 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     endpoints = cluster.facts.pg_primary_endpoints
     writer = Writer(endpoints, account.username, account.password, cluster.facts.airflow_db, run_id=int(time.time()))
     writer.ensure_table()
-    with cluster.connect_airflow_db() as conn:
+    with postgres.connect_any(cluster.facts, cluster.secrets) as conn:
         canary.ensure_table(conn)
     load = canary.CanaryLoad([f"http://{n.api_balancer}" for n in cluster.facts.nodes],
-                             lambda url: airflow.ApiClient(url, cluster.secrets), prefix)
+                             lambda url: airflow_api.ApiClient(url, cluster.secrets), prefix)
     timeline = Timeline()
     monitor = Monitor(cluster, timeline, broker=scenario.watch_broker)
     monitor.prime()
@@ -135,6 +138,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     load.start()
     monitor.start()
     fault: Fault | None = None
+    effect: tuple[bool, str] = (False, "no fault was struck")
     t0 = back_at = healthy_at = None
     try:
         _wait_flowing(cluster, writer, prefix)
@@ -144,6 +148,9 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         t0 = time.time()
         fault = scenario.strike(cluster, victim)
         timeline.add(f"fault: {fault.what}", t0)
+        effect = took_effect(cluster, fault)
+        if not effect[0]:
+            say(f"[{name}] the fault did not take effect: {effect[1]}")
         back_at = _bring_back(cluster, fault, t0, opts, timeline, say, name)
         say(f"[{name}] waiting for the cluster to be healthy again")
         healthy_at, snap = wait_healthy(cluster, opts.recover_timeout_s, after=back_at or t0)
@@ -160,13 +167,16 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     say(f"[{name}] load off; waiting for every canary run to finish")
     af = cluster.spec.airflow
     drain_s = af.task_heartbeat_timeout_s + af.task_queued_timeout_s + 120
-    states = canary.wait_runs_finished(cluster.connect_airflow_db, prefix, drain_s)
-    with cluster.connect_airflow_db() as conn:
+    connect = lambda: postgres.connect_any(cluster.facts, cluster.secrets)  # noqa: E731
+    states = canary.wait_runs_finished(connect, prefix, drain_s)
+    with connect() as conn:
         rows = canary.executions(conn, prefix)
         tis = canary.task_instances(conn, prefix)
-        lost = lost_writes(wlog, cluster.live_pg_endpoint(), account.username, account.password, cluster.facts.airflow_db)
-    return _report(name, scenario, fault, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis, lost,
-                   timeline, status.problems(snap) if healthy_at is None else [])
+        tries = canary.retries(conn, prefix)
+        lost = lost_writes(wlog, postgres.live_primary_endpoint(cluster.facts), account.username, account.password,
+                           cluster.facts.airflow_db)
+    return _report(name, scenario, fault, effect, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis,
+                   tries, lost, timeline, status.problems(snap) if healthy_at is None else [])
 
 
 def _bring_back(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions, timeline: Timeline, say: Say,
@@ -187,10 +197,10 @@ def _bring_back(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions
     return time.time()
 
 
-def _report(name: str, scenario: Scenario, fault: Fault | None, t0: float | None, back_at: float | None,
-            healthy_at: float | None, load_end: float, wlog: Any, tlog: canary.TriggerLog, states: dict[str, str],
-            rows: list[dict[str, Any]], tis: list[Any], lost: list[int], timeline: Timeline,
-            unhealthy_why: list[str]) -> dict[str, Any]:
+def _report(name: str, scenario: Scenario, fault: Fault | None, effect: tuple[bool, str], t0: float | None,
+            back_at: float | None, healthy_at: float | None, load_end: float, wlog: Any, tlog: canary.TriggerLog,
+            states: dict[str, str], rows: list[dict[str, Any]], tis: list[Any], tries: dict[str, Any], lost: list[int],
+            timeline: Timeline, unhealthy_why: list[str]) -> dict[str, Any]:
     t0 = t0 or load_end
     errors = [t for t, _ in wlog.errors if t >= t0]
     rto = None
@@ -206,7 +216,15 @@ def _report(name: str, scenario: Scenario, fault: Fault | None, t0: float | None
     if flow_gap > 0:
         timeline.add(f"task flow resumed after a {flow_gap:.1f} s gap", gap_at + flow_gap)
     v = canary.verdict(states, rows, tis)
+    acknowledged = [run_id for _, run_id in tlog.triggered]
+    missing_runs = [r for r in acknowledged if r not in states]
     violations = []
+    if not effect[0]:
+        violations.append(f"the fault did not take effect: {effect[1]}")
+    if not acknowledged:
+        violations.append("no canary DAG run was acknowledged: the drill measured no task flow")
+    if missing_runs:
+        violations.append(f"{len(missing_runs)} acknowledged canary triggers have no DAG run (first: {missing_runs[0]})")
     if lost:
         violations.append(f"{len(lost)} acknowledged writes lost")
     if v["dag_runs_failed"]:
@@ -234,6 +252,11 @@ def _report(name: str, scenario: Scenario, fault: Fault | None, t0: float | None
         "acknowledged_writes_lost": len(lost),
         "writes_in_doubt": len(wlog.in_doubt),
         "dag_runs_triggered": len(tlog.triggered),
+        "fault_took_effect": effect[0],
+        "canary_triggers_acknowledged": len(acknowledged),
+        "canary_runs_found": len(acknowledged) - len(missing_runs),
+        "task_instances_retried": tries["retried"],
+        "retry_delay_s": tries["delay_s"],
         **v,
         "timeline": [{"t_s": round(t - t0, 2), "event": what} for t, what in sorted(timeline.events)],
     }

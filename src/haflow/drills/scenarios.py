@@ -1,9 +1,12 @@
-"""The faults a drill injects: each is a real SIGKILL (or, for `switchover`, the planned
-operation), chosen on the node where it hurts most unless `--node` says otherwise.
+"""The faults a drill injects: each is a real SIGKILL through the host's fault verbs (or, for
+`switchover`, the planned operation), on the node where it hurts most unless `--node` says
+otherwise.
 
 A scenario picks its victim (`pick`) and strikes (`strike`); the strike returns a `Fault`
 telling the runner what came back by itself and what must be brought back (a crashed node
-stays down until `haflow up`, as a dead machine would).
+stays down until its machine boots again and `haflow up` runs, as a dead machine would).
+`took_effect` then checks that the fault changed what it claims: a drill whose fault did
+nothing proves nothing and fails.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ from dataclasses import dataclass
 import psycopg
 
 from haflow.cluster import Cluster
-from haflow.components import airflow, etcd, patroni, rabbitmq
+from haflow.components import airflow, etcd, patroni, postgres, rabbitmq
 from haflow.errors import ClusterUnhealthy
+from haflow.hosts.base import Instance
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fault:
     node: str
     what: str  # one line for the timeline, e.g. "SIGKILL Patroni and PostgreSQL on node1"
-    service: str | None = None  # the service whose supervisor restarts it (None: node held down)
-    killed_pids: tuple[int, ...] = ()
+    service: str | None = None  # the service whose init restarts it (None: node held down)
+    killed: tuple[Instance, ...] = ()  # the instances the strike killed
     held_down: bool = False  # the node stays down until the runner brings it back
+    switched_to: str | None = None  # switchover: the node that must now be the primary
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ def _busiest_worker(cluster: Cluster) -> str:
     deadline = time.monotonic() + 30
     while True:
         try:
-            with cluster.connect_airflow_db() as conn:
+            with postgres.connect_any(cluster.facts, cluster.secrets) as conn:
                 row = conn.execute("SELECT hostname FROM task_instance WHERE state = 'running' AND hostname <> ''"
                                    " GROUP BY hostname ORDER BY count(*) DESC LIMIT 1").fetchone()
             if row and row[0] in cluster.facts.node_names:
@@ -80,32 +85,52 @@ def _first_node(cluster: Cluster) -> str:
 
 
 def _kill(service: str, label: str) -> Callable[[Cluster, str], Fault]:
+    """A crash of one service (and what it forked: Patroni's PostgreSQL dies with it)."""
     def strike(cluster: Cluster, node: str) -> Fault:
-        refs = cluster.kill_service(node, service)
-        return Fault(node, f"SIGKILL {label} on {node}", service=service, killed_pids=tuple(r.pid for r in refs))
+        killed = cluster.host.kill_service(node, service)
+        return Fault(node, f"SIGKILL {label} on {node}", service=service, killed=tuple(killed))
     return strike
 
 
-def _crash_database(cluster: Cluster, node: str) -> Fault:
-    refs = cluster.crash_database(node)
-    return Fault(node, f"SIGKILL Patroni and PostgreSQL on {node}", service=patroni.NAME,
-                 killed_pids=tuple(r.pid for r in refs))
-
-
 def _crash_node(cluster: Cluster, node: str) -> Fault:
-    refs = cluster.kill_node(node)
-    return Fault(node, f"SIGKILL every process of {node} ({len(refs)}), held down", killed_pids=tuple(r.pid for r in refs),
-                 held_down=True)
+    count = cluster.host.kill_node(node)
+    return Fault(node, f"SIGKILL every process of {node} ({count}), held down", held_down=True)
 
 
 def _switchover(cluster: Cluster, node: str) -> Fault:
     """`node` is the primary (the default) or, given with --node, the node to switch to."""
     result = cluster.switchover(to=None if node == _primary(cluster) else node)
-    return Fault(result["from"], f"planned switchover {result['from']} -> {result['to']} done in {result['elapsed_s']} s")
+    return Fault(result["from"], f"planned switchover {result['from']} -> {result['to']} done in {result['elapsed_s']} s",
+                 switched_to=result["to"])
+
+
+def took_effect(cluster: Cluster, fault: Fault) -> tuple[bool, str]:
+    """Whether the fault changed what it claims, checked right after the strike: a killed
+    service's instance is gone or replaced, a crashed node has no process left, a switchover
+    moved the primary. Returns (ok, why not)."""
+    host = cluster.host
+    if fault.held_down:
+        left = host.leftovers(fault.node, timeout=0)
+        if host.running(fault.node) or left:
+            return False, f"{fault.node} still runs after the crash ({', '.join(left) or 'its init is up'})"
+        return True, ""
+    if fault.switched_to is not None:
+        leader = patroni.probe(cluster.facts)["leader"]
+        return (leader == fault.switched_to,
+                f"the primary is {leader or 'none'}, not {fault.switched_to}, after the switchover")
+    if fault.service is not None:
+        if not fault.killed:
+            return False, f"no instance of {fault.service} on {fault.node} was killed"
+        now = host.instance(fault.node, fault.service)
+        if now is not None and now in fault.killed:
+            return False, f"{fault.service} on {fault.node} still runs as the instance the fault claims it killed ({now.id})"
+        return True, ""
+    return False, "the fault names neither a service, a node nor a switchover"
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
-    Scenario("db-primary-crash", "the primary's Patroni and PostgreSQL die; the node stays up", _primary, _crash_database),
+    Scenario("db-primary-crash", "the primary's Patroni and PostgreSQL die; the node stays up", _primary,
+             _kill(patroni.NAME, "Patroni and PostgreSQL")),
     Scenario("node-crash", "every process of the primary's node dies and stays down, then the node is brought back",
              _primary, _crash_node, watch_broker=True),
     Scenario("broker-node-crash", "the RabbitMQ node leading the task queue dies", _queue_leader,

@@ -1,15 +1,17 @@
-"""The local host: every node of the cluster on this machine, each on its own address.
+"""The local host (hosts/base.py `Host`): every node of the cluster on this machine, each on its
+own address; the machine itself is one `Machine` carrying them all.
 
 Each node gets one supervisord (its "init"), started detached so it survives the CLI. It owns
-the node's services, restarts them on crash, and is itself tracked by PID + start time. A lost
-machine is simulated by SIGKILLing the node's supervisord and then everything it ran: nothing
-restarts until `haflow up` starts the node's supervisord again.
+the node's services, restarts them on crash, and is itself tracked by PID + start time. The
+machine's own services (epmd) get a supervisord of their own. A lost machine is simulated by
+SIGKILLing the node's supervisord and then everything it ran: nothing restarts until `boot`
+starts the node's supervisord again. What a service forks (`Service.forks`, e.g. PostgreSQL's
+postmaster) is recorded at `apply`, so a stop or a kill finds it without knowing what it is.
 """
 
 from __future__ import annotations
 
 import getpass
-import grp
 import hashlib
 import ipaddress
 import json
@@ -30,13 +32,20 @@ from typing import Any
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
-from haflow.components.base import DesiredState, Directory, File, Service
+from haflow.components.base import DesiredState, Directory, File, Needs, Service
 from haflow.errors import HaflowError, UserError
 from haflow.facts import NodeLayout
-from haflow.procs import ProcRef, wait_gone
+from haflow.fsutil import atomic_write, tree_checksum
+from haflow.hosts import local_provision
+from haflow.hosts.base import Change, Instance, Machine, Say, Target
+from haflow.hosts.local_provision import default_db_user, is_root, reachable_by
+from haflow.hosts.procs import ProcRef, wait_gone
 from haflow.rendering import render_template
 
 AGENT_FILE = "agent.json"
+SERVICES_FILE = "services.json"  # per target: what each service forks and how it reloads
+MACHINE = "_host"  # the folder of the machine's own supervisor (epmd); node names cannot start with "_"
+MACHINE_NAME = "local"
 DB_DIR = "pg"
 DB_RELOCATION_BASE = Path("/var/lib/haflow/db")
 SERVICES_BASE = Path("/var/lib/haflow/clusters")
@@ -47,14 +56,6 @@ SERVICE_USERS = {"etcd": "etcd", "haproxy": "haproxy", "rabbitmq": "rabbitmq", "
 # Folders a cluster made by haflow < 0.9 kept in the state directory (every service ran as root).
 IN_STATE_DIR_SERVICES = ("etcd", "rabbitmq", "airflow")
 RUNNING_STATES = {"RUNNING", "STARTING"}
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def default_db_user() -> str:
-    return "postgres" if is_root() else getpass.getuser()
 
 
 def default_venvs_dir() -> Path:
@@ -75,14 +76,22 @@ def runtime_base(state_dir: Path) -> Path:
 class LocalHost:
     kind = "local"
 
-    def __init__(self, state_dir: Path, cluster: str) -> None:
+    def __init__(self, state_dir: Path, cluster: str, nodes: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.cluster = cluster
+        self.nodes = tuple(nodes)
         self.run_base = runtime_base(state_dir)
         self._relocated: bool | None = None
         self._outside: bool | None = None
+        self._stopped: dict[str, list[ProcRef]] = {}  # per target: what stop_node saw running
 
-    # --- layout ---------------------------------------------------------------------------------
+    # --- machines and layout --------------------------------------------------------------------
+    def machines(self) -> list[Machine]:
+        return [Machine(MACHINE_NAME, self.nodes)]
+
+    def machine_layout(self, machine: Machine) -> NodeLayout:
+        return self.layout(MACHINE)
+
     def layout(self, node: str) -> NodeLayout:
         root = self.state_dir / "nodes" / node
         outside = self.services_outside()
@@ -156,49 +165,95 @@ class LocalHost:
         return self.layout(node).run / "supervisor.sock"
 
     # --- preflight ------------------------------------------------------------------------------
-    def preflight(self, node: str, address: str, ports: dict[int, str]) -> list[str]:
-        """Why the node cannot start here: an address this machine lacks, or a port someone else
-        holds. A node whose supervisor runs owns its ports and is not checked."""
-        if self.node_up(node):
+    def preflight(self, target: Target, listen: dict[tuple[str, int], str]) -> list[str]:
+        """Why the target cannot start here: an address this machine lacks, or a port someone
+        else holds. A target whose supervisor runs owns its ports and is not checked."""
+        name = _key(target)
+        if self.node_up(name):
             return []
-        ip = ipaddress.ip_address(address)
         local = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
-        if not ip.is_loopback and address not in local:
-            return [f"{node}: address {address} is not on this machine; the local host runs every node here "
-                    "(use 127.0.0.x addresses, or deploy to real hosts)"]
+        absent = sorted({a for a, _ in listen if not ipaddress.ip_address(a).is_loopback and a not in local})
+        if absent:
+            return [f"{name}: address {a} is not on this machine; the local host runs every node here "
+                    "(use 127.0.0.x addresses, or deploy to real hosts)" for a in absent]
         problems = []
-        for port, field in sorted(ports.items()):
+        for (address, port), field in sorted(listen.items()):
             with socket.socket() as s:
                 # as the servers do: TIME_WAIT leftovers of a just-stopped cluster are no clash
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind((address, port))
                 except OSError:
-                    problems.append(f"{node}: {address}:{port} ({field}) is already in use{_holder(address, port)}; "
+                    problems.append(f"{name}: {address}:{port} ({field}) is already in use{_holder(address, port)}; "
                                     f"stop that process or choose another {field}")
         return problems
 
+    # --- provisioning ---------------------------------------------------------------------------
+    def missing(self, machine: Machine, needs: Needs) -> list[str]:
+        return [f"{p.what} (apt: {p.apt})" for p in local_provision.missing(needs)]
+
+    def provision(self, machine: Machine, needs: Needs, say: Say) -> list[str]:
+        """Distro packages (apt, as root), system users, runtime venvs; nothing on a re-run."""
+        if self.services_run_as_root():
+            say("this cluster was created by an older haflow: its services keep running as root (their data "
+                "lives in the state directory); a cluster created now runs each service as its own user")
+        return local_provision.provision(needs, say)
+
     # --- desired state --------------------------------------------------------------------------
-    def apply(self, node: str, desired: DesiredState) -> list[Path]:
-        """Make files and directories as desired; render the node's supervisord config.
-        Returns the files that changed (none on a re-run)."""
-        layout = self.layout(node)
+    def plan(self, target: Target, desired: DesiredState) -> list[Change]:
+        """What `apply` would change, without changing anything."""
+        name = _key(target)
+        layout = self.layout(name)
+        dirs = [*self._base_dirs(layout), *desired.dirs]
+        files = [*desired.files, self._supervisor_file(name, layout, desired.services)]
+        return ([Change(name, d.path, what) for d in dirs if (what := _dir_change(d))]
+                + [Change(name, f.path, what) for f in files if (what := _file_change(f))])
+
+    def _base_dirs(self, layout: NodeLayout) -> list[Directory]:
         # Private to haflow, unless an older cluster's services still live (and run as root) in it
         # next to a database that `postgres` reaches through it.
         private = 0o755 if self.services_run_as_root() and not self._db_relocated() else 0o700
         base = [Directory(layout.root, private), Directory(layout.run, 0o755), Directory(layout.logs, 0o700)]
         if layout.services != layout.root:  # each service's own folder inside is 0700 and its user's
             base += [Directory(layout.services.parent, 0o755), Directory(layout.services, 0o755)]
-        for d in [*base, *desired.dirs]:
+        return base
+
+    def _supervisor_file(self, name: str, layout: NodeLayout, services: list[Service]) -> File:
+        return File(layout.root / "supervisord.conf", self._supervisor_conf(name, layout, services), 0o600)
+
+    def apply(self, target: Target, desired: DesiredState) -> list[Path]:
+        """Make files and directories as desired; render the target's supervisord config and
+        record what its services fork. Returns the files that changed (none on a re-run)."""
+        node = _key(target)
+        layout = self.layout(node)
+        for d in [*self._base_dirs(layout), *desired.dirs]:
             _ensure_dir(d)
         link = layout.root / DB_DIR
-        if layout.db_root != link and not link.is_symlink():
+        if node != MACHINE and layout.db_root != link and not link.is_symlink():
             link.symlink_to(layout.db_root)
         changed = [f.path for f in desired.files if _ensure_file(f)]
-        conf = File(layout.root / "supervisord.conf", self._supervisor_conf(node, layout, desired.services), 0o600)
+        conf = self._supervisor_file(node, layout, desired.services)
         if _ensure_file(conf):
             changed.append(conf.path)
+        self._record_services(node, desired.services)
         return changed
+
+    def _record_services(self, name: str, services: list[Service]) -> None:
+        record = {s.name: {"reload_signal": s.reload_signal,
+                           "forks": {"pidfile": str(s.forks.pidfile), "marker": s.forks.marker,
+                                     "stop_signal": s.forks.stop_signal} if s.forks else None}
+                  for s in services}
+        text = json.dumps(record, indent=1, sort_keys=True)
+        path = self.layout(name).root / SERVICES_FILE
+        if not path.exists() or path.read_text() != text:
+            atomic_write(path, text, 0o600)
+
+    def _services(self, name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.layout(name).root / SERVICES_FILE).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
 
     def _supervisor_conf(self, node: str, layout: NodeLayout, services: list[Service]) -> str:
         me = getpass.getuser()
@@ -240,6 +295,14 @@ class LocalHost:
 
     def node_up(self, node: str) -> bool:
         return self.agent(node) is not None
+
+    def running(self, target: Target) -> bool:
+        """The target's init (its supervisord) runs."""
+        return self.node_up(_key(target))
+
+    def boot(self, target: Target) -> bool:
+        """Start the target's supervisord if it is not running; True if it was started."""
+        return self.ensure_agent(_key(target))
 
     def ensure_agent(self, node: str, timeout: float = 20.0) -> bool:
         """Start the node's supervisord if it is not running; True if it was started."""
@@ -309,6 +372,9 @@ class LocalHost:
         rpc.supervisor.removeProcessGroup(name)
         rpc.supervisor.addProcessGroup(name)
 
+    def stale(self, target: Target) -> list[str]:
+        return self.stale_services(_key(target))
+
     def stale_services(self, node: str) -> list[str]:
         """Running services whose definition (argv, env, user) changed since they started."""
         if not self.agent(node):
@@ -343,8 +409,9 @@ class LocalHost:
         info = self.service_info(node, service)
         return bool(info) and info["statename"] in RUNNING_STATES
 
-    def start(self, node: str, service: str) -> bool:
+    def start(self, target: Target, service: str) -> bool:
         """Start a service unless it runs; True if it was started."""
+        node = _key(target)
         if self.service_running(node, service):
             return False
         try:
@@ -356,26 +423,46 @@ class LocalHost:
             raise HaflowError(f"{node}: {service} failed to start ({e.faultString}); see {log}") from None
         return True
 
-    def stop(self, node: str, service: str) -> None:
-        if not self.agent(node):
-            return
-        try:
-            self._rpc(node).supervisor.stopProcess(service, True)
-        except xmlrpc.client.Fault as e:
-            if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
-                raise HaflowError(f"{node}: could not stop {service}: {e.faultString}") from None
+    def stop(self, target: Target, service: str) -> None:
+        """Stop the service, then what it forked if that outlived it (a daemon its supervisor
+        does not see; systemd's control group would catch it the same way)."""
+        node = _key(target)
+        if self.agent(node):
+            try:
+                self._rpc(node).supervisor.stopProcess(service, True)
+            except xmlrpc.client.Fault as e:
+                if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
+                    raise HaflowError(f"{node}: could not stop {service}: {e.faultString}") from None
+        self._stop_forked(node, service)
 
-    def restart(self, node: str, service: str) -> None:
+    def _stop_forked(self, node: str, service: str, timeout: float = 30.0) -> None:
+        forked = self._forked(node, service)
+        if forked is None:
+            return
+        forked.send(getattr(signal, f"SIG{self._services(node)[service]['forks']['stop_signal']}"))
+        if wait_gone([forked], timeout):
+            forked.kill_group(signal.SIGKILL)
+            wait_gone([forked], 5)
+
+    def reload(self, target: Target, service: str) -> bool:
+        """Send the service its reload signal; False when it has none or is not running."""
+        node = _key(target)
+        sig = (self._services(node).get(service) or {}).get("reload_signal")
+        ref = self.service_proc(node, service)
+        return bool(sig and ref and ref.send(getattr(signal, f"SIG{sig}")))
+
+    def instance(self, target: Target, service: str) -> Instance | None:
+        ref = self.service_proc(_key(target), service)
+        return Instance(_key(target), service, f"{ref.pid}@{ref.create_time:.2f}") if ref else None
+
+    def restart(self, target: Target, service: str) -> None:
         """Stop, take the service's current definition, start."""
+        node = _key(target)
         stale = service in self.stale_services(node)
         self.stop(node, service)
         if stale:
             self._replace_program(node, service)
         self.start(node, service)
-
-    def signal(self, node: str, service: str, sig: int) -> bool:
-        ref = self.service_proc(node, service)
-        return bool(ref and ref.send(sig))
 
     def service_proc(self, node: str, service: str) -> ProcRef | None:
         info = self.service_info(node, service)
@@ -387,9 +474,9 @@ class LocalHost:
         live = ProcRef.of(info["pid"], ref.label)
         return live if live and abs(live.create_time - ref.create_time) <= 2 else None
 
-    def changed_since_start(self, node: str, service: str, paths: tuple[Path, ...]) -> bool:
+    def changed_since_start(self, target: Target, service: str, paths: tuple[Path, ...]) -> bool:
         """Whether one of `paths` was written after the running service started."""
-        ref = self.service_proc(node, service)
+        ref = self.service_proc(_key(target), service)
         if ref is None:
             return False
         return any(p.exists() and p.stat().st_mtime > ref.create_time for p in paths)
@@ -407,9 +494,17 @@ class LocalHost:
             return 124, f"timed out after {timeout:.0f}s"
         return r.returncode, (r.stdout + r.stderr)
 
+    def put_tree(self, node: str, source: Path, dest: Path, owner: str | None = None) -> bool:
+        """Make `dest` an exact copy of `source` owned by `owner`, switched atomically: `dest` is
+        a link to a folder named after the tree's checksum (a reader sees the old tree or the
+        new one, never a half-copied one). True if anything changed."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return self.sync_folder(node, source, dest, tree_checksum(source)[:12], owner)
+
+    def tree_checksum(self, node: str, dest: Path) -> str | None:
+        return tree_checksum(dest) if dest.is_dir() else None
+
     def sync_folder(self, node: str, source: Path, link: Path, version: str, owner: str | None = None) -> bool:
-        """Make `link` point at an exact copy of `source` owned by `owner`, switched atomically
-        (a reader sees the old tree or the new one, never a half-copied one). True if anything changed."""
         target = link.parent / f"{link.name}.{version}"
         if link.is_symlink() and os.readlink(link) == target.name and target.is_dir():
             return False
@@ -433,73 +528,83 @@ class LocalHost:
         return True
 
     # --- processes and faults ------------------------------------------------------------------
-    def postmaster(self, node: str) -> ProcRef | None:
-        """PostgreSQL's postmaster of this node: Patroni double-forks it, so it is found by the
-        pid file in our own data directory, and checked to be a postgres serving that directory."""
-        pidfile = self.layout(node).pg_data / "postmaster.pid"
+    def _forked(self, node: str, service: str) -> ProcRef | None:
+        """The live daemon a service forked (Service.forks), found by its pid file and checked to
+        be the one serving this node (its command line carries the recorded marker)."""
+        forks = (self._services(node).get(service) or {}).get("forks")
+        if not forks:
+            return None
         try:
-            pid = int(pidfile.read_text().splitlines()[0])
+            pid = int(Path(forks["pidfile"]).read_text().splitlines()[0])
         except (OSError, ValueError, IndexError):
             return None
-        ref = ProcRef.of(pid, f"{node}/postmaster")
+        ref = ProcRef.of(pid, f"{node}/{service} forked")
         if ref is None or (p := ref.process()) is None:
             return None
         try:
-            if str(self.layout(node).pg_data) not in " ".join(p.cmdline()):
+            if forks["marker"] not in " ".join(p.cmdline()):
                 return None
-        except Exception:
+        except psutil.Error:
             return None
         return ref
 
     def processes(self, node: str) -> list[ProcRef]:
-        """Every live process of the node: supervisord, its services and their children, postgres."""
+        """Every live process of the node: supervisord, its services and their children, and
+        what its services forked."""
+        node = _key(node)
         refs: list[ProcRef] = []
         agent = self.agent(node)
         if agent:
             refs.append(agent)
             refs += agent.descendants()
-        pm = self.postmaster(node)
-        if pm:
-            refs.append(pm)
-            refs += pm.descendants()
+        for service in self._services(node):
+            forked = self._forked(node, service)
+            if forked:
+                refs += [forked, *forked.descendants()]
         seen: set[int] = set()
         return [r for r in refs if not (r.pid in seen or seen.add(r.pid))]
 
-    def kill_service(self, node: str, service: str) -> list[ProcRef]:
+    def kill_service(self, node: str, service: str) -> list[Instance]:
         """A crash of one service: SIGKILL its process group (supervisord made each program a
-        group leader, so a wrapper script and the real server die together) and every other
-        descendant. Its supervisor restarts it, as systemd would on a real host."""
+        group leader, so a wrapper script and the real server die together), every other
+        descendant and what it forked. Its supervisor restarts it, as systemd would."""
         ref = self.service_proc(node, service)
         if ref is None:
             raise HaflowError(f"{node}: {service} is not running")
-        return _kill_tree(ref)
+        killed = self.instance(node, service)
+        forked = self._forked(node, service)
+        _kill_tree(ref, *([forked] if forked else []))
+        return [killed] if killed else []
 
-    def kill_postmaster(self, node: str) -> list[ProcRef]:
-        """A crash of PostgreSQL: SIGKILL the postmaster's process group and every backend."""
-        pm = self.postmaster(node)
-        return _kill_tree(pm) if pm else []
-
-    def kill_node(self, node: str) -> list[ProcRef]:
-        """Machine loss: SIGKILL every process of the node at once. Its supervisord dies first, so
-        nothing restarts; the node stays down until `haflow up`."""
+    def kill_node(self, target: Target) -> int:
+        """Machine loss: SIGKILL every process of the target at once. Its supervisord dies first,
+        so nothing restarts; it stays down until `boot`. Returns how many processes died."""
+        node = _key(target)
         refs = self.processes(node)
         agent = self.agent(node)
         if agent:
             agent.send(signal.SIGKILL)
         for r in refs:
-            r.kill_group(signal.SIGKILL) if r.label.endswith("postmaster") else r.send(signal.SIGKILL)
+            r.kill_group(signal.SIGKILL) if r.label.endswith("forked") else r.send(signal.SIGKILL)
         left = wait_gone(refs, 10)
         if left:
             raise HaflowError(f"{node}: processes survived SIGKILL: {[r.pid for r in left]}")
-        return refs
+        return len(refs)
 
-    def reap_leftovers(self, node: str, timeout: float = 30.0) -> None:
-        """After an orderly stop: a postmaster Patroni left behind gets a fast shutdown."""
-        pm = self.postmaster(node)
-        if pm:
-            pm.send(signal.SIGINT)
-            if wait_gone([pm], timeout):
-                pm.kill_group(signal.SIGKILL)
+    def stop_node(self, target: Target) -> None:
+        """Stop the target's supervisord (it stops what still runs); `leftovers` then tells
+        whether anything it ran outlived it."""
+        node = _key(target)
+        self._stopped[node] = self.processes(node)
+        self.stop_agent(node)
+        for service in self._services(node):
+            self._stop_forked(node, service)
+
+    def leftovers(self, target: Target, timeout: float = 10.0) -> list[str]:
+        """Processes of the target still alive (after `stop_node`: waited for up to `timeout`)."""
+        node = _key(target)
+        refs = {r.pid: r for r in [*self._stopped.get(node, []), *self.processes(node)]}
+        return [f"{r.label}[{r.pid}]" for r in wait_gone(list(refs.values()), timeout)]
 
     def purge(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -511,14 +616,43 @@ class LocalHost:
 # --- filesystem helpers ------------------------------------------------------------------------
 
 
-def _kill_tree(ref: ProcRef) -> list[ProcRef]:
-    """SIGKILL a process's group and every descendant (some leave the group); wait until gone."""
-    refs = [ref, *ref.descendants()]
-    ref.kill_group(signal.SIGKILL)
+def _kill_tree(*roots: ProcRef) -> list[ProcRef]:
+    """SIGKILL each root's group and every descendant (some leave the group); wait until gone."""
+    refs = [r for root in roots for r in (root, *root.descendants())]
+    for root in roots:
+        root.kill_group(signal.SIGKILL)
     for r in refs:
         r.send(signal.SIGKILL)
     wait_gone(refs, 10)
     return refs
+
+
+def _key(target: Target) -> str:
+    """The folder a target's supervisor lives in: the node's, or the machine's own."""
+    return MACHINE if isinstance(target, Machine) else target
+
+
+def _dir_change(d: Directory) -> str | None:
+    if not d.path.is_dir():
+        return "create"
+    st = d.path.stat()
+    if stat.S_IMODE(st.st_mode) != d.mode:
+        return "mode"
+    ids = _ids(d.owner)
+    return "owner" if ids and (st.st_uid, st.st_gid) != ids else None
+
+
+def _file_change(f: File) -> str | None:
+    try:
+        st = f.path.stat()
+        if f.path.read_text() != f.content:
+            return "update"
+    except FileNotFoundError:
+        return "create"
+    if stat.S_IMODE(st.st_mode) != f.mode:
+        return "mode"
+    ids = _ids(f.owner)
+    return "owner" if ids and (st.st_uid, st.st_gid) != ids else None
 
 
 def _ids(owner: str | None) -> tuple[int, int] | None:
@@ -623,34 +757,3 @@ def _holder(address: str, port: int) -> str:
 def _escape(value: str) -> str:
     """supervisord expands %(name)s in its config: a literal % must be doubled."""
     return str(value).replace("%", "%%")
-
-
-def group_ids(user: str) -> set[int]:
-    pw = pwd.getpwnam(user)
-    return {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
-
-
-def unreachable_ancestor(path: Path, user: str) -> Path | None:
-    """The first existing directory on the way to `path` that `user` may not traverse."""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        return None
-    groups = group_ids(user)
-    for d in reversed([path, *path.parents]):
-        if not d.exists():
-            break
-        st = d.stat()
-        if st.st_uid == pw.pw_uid:
-            ok = st.st_mode & stat.S_IXUSR
-        elif st.st_gid in groups:
-            ok = st.st_mode & stat.S_IXGRP
-        else:
-            ok = st.st_mode & stat.S_IXOTH
-        if not ok:
-            return d
-    return None
-
-
-def reachable_by(path: Path, user: str) -> bool:
-    return unreachable_ancestor(path, user) is None

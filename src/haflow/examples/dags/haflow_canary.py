@@ -7,7 +7,8 @@ it triggered: a task instance without a row never executed, two rows for one tas
 duplicate execution.
 
 The row is written through the node's balancer (HAFLOW_CANARY_DSN, set by haflow on every
-node); a database failover in the middle is waited out, not failed.
+node); a database failover in the middle is waited out, not failed. Triggered by hand, outside
+any drill, it creates its table itself and succeeds the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ TABLE = "haflow_canary_tasks"
 TASKS = 3  # task instances per run
 WORK_S = 1.0  # how long each task "works": long enough to be running when a worker dies
 RECORD_TIMEOUT_S = 120  # longer than any database failover
+DDL = (
+    f"CREATE TABLE IF NOT EXISTS {TABLE} (execution uuid PRIMARY KEY, run_id text NOT NULL, task_id text NOT NULL,"
+    " map_index int NOT NULL, try_number int NOT NULL, node text NOT NULL, started timestamptz NOT NULL,"
+    " finished timestamptz NOT NULL)"
+)
+
+
+def _create_table(conn) -> None:
+    import psycopg
+
+    try:
+        conn.execute(DDL)
+    except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+        pass  # a task of the same run created it at the same moment
 
 
 def _record(started: float) -> None:
@@ -35,6 +50,7 @@ def _record(started: float) -> None:
     while True:
         try:
             with psycopg.connect(os.environ["HAFLOW_CANARY_DSN"], connect_timeout=3, autocommit=True) as conn:
+                _create_table(conn)
                 conn.execute(
                     f"INSERT INTO {TABLE} (execution, run_id, task_id, map_index, try_number, node, started, finished)"
                     " VALUES (%s, %s, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s)) ON CONFLICT DO NOTHING",

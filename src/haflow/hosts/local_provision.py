@@ -1,26 +1,26 @@
-"""System prerequisites and runtime virtualenvs.
+"""Provisioning this machine (the local host's `provision`): what components declare they need.
 
 Binaries come from the distro (apt, installed when haflow runs as root on Debian/Ubuntu;
-otherwise the exact command to run is the error). Python services (Patroni; later Airflow)
-live in their own venvs built from the distro's Python, so the service users can execute them.
+otherwise the exact command to run is the error). Python services (Patroni, Airflow) live in
+their own venvs built from the distro's Python, so the service users can execute them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
+import grp
 import hashlib
 import os
+import pwd
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from haflow.components import patroni
+from haflow.components.base import Needs, Package
 from haflow.errors import HaflowError, UserError
-from haflow.hosts.local import is_root, unreachable_ancestor
-from haflow.spec import Spec
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 COMPLETE_MARKER = ".haflow-complete"
@@ -28,28 +28,22 @@ COMPLETE_MARKER = ".haflow-complete"
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class Requirement:
-    what: str
-    present: Callable[[], bool]
-    apt: str
+def is_root() -> bool:
+    return os.geteuid() == 0
 
 
-def system_requirements(spec: Spec) -> list[Requirement]:
-    pg = spec.database.postgres_version
-    return [
-        Requirement("etcd", lambda: shutil.which("etcd") is not None, "etcd-server"),
-        Requirement("etcdctl", lambda: shutil.which("etcdctl") is not None, "etcd-client"),
-        Requirement("haproxy", lambda: shutil.which("haproxy") is not None, "haproxy"),
-        Requirement(
-            f"PostgreSQL {pg} server",
-            lambda: (patroni.bin_dir(pg) / "postgres").exists() and (patroni.bin_dir(pg) / "pg_rewind").exists(),
-            f"postgresql-{pg}",
-        ),
-        Requirement("python3-venv", _system_venv_available, "python3-venv"),
-        Requirement("rabbitmq-server", lambda: Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()
-                    and shutil.which("epmd") is not None, "rabbitmq-server"),
-    ]
+def default_db_user() -> str:
+    return "postgres" if is_root() else getpass.getuser()
+
+
+# Building venvs needs the system Python's venv module: a need of this host, not of a component.
+VENV_SUPPORT = Package("python3-venv", "python3-venv")
+
+
+def present(package: Package) -> bool:
+    if package is VENV_SUPPORT:
+        return _system_venv_available()
+    return all(shutil.which(c) for c in package.commands) and all(p.exists() for p in package.paths)
 
 
 def _system_venv_available() -> bool:
@@ -59,13 +53,14 @@ def _system_venv_available() -> bool:
     return r.returncode == 0
 
 
-def missing(spec: Spec) -> list[Requirement]:
-    return [r for r in system_requirements(spec) if not r.present()]
+def missing(needs: Needs) -> list[Package]:
+    wanted = [*needs.packages, *([VENV_SUPPORT] if needs.venvs else [])]
+    return [p for p in wanted if not present(p)]
 
 
-def ensure_system(spec: Spec, progress: Progress) -> list[str]:
+def ensure_packages(needs: Needs, progress: Progress) -> list[str]:
     """Install missing distro packages (as root with apt) or explain how; returns what was installed."""
-    need = missing(spec)
+    need = missing(needs)
     if not need:
         return []
     packages = sorted({r.apt for r in need})
@@ -82,10 +77,22 @@ def ensure_system(spec: Spec, progress: Progress) -> list[str]:
                 tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
                 raise UserError(f"`{' '.join(argv)}` failed ({tail[0]}); fix apt and re-run `haflow up`")
     _disable_distro_services(packages)
-    still = missing(spec)
+    still = missing(needs)
     if still:
         raise UserError(f"still missing after apt: {', '.join(r.what for r in still)}")
     return packages
+
+
+def provision(needs: Needs, progress: Progress) -> list[str]:
+    """Packages, then the system users the services run as, then the runtime venvs; returns
+    what was done (nothing on a re-run)."""
+    done = [f"installed {p}" for p in ensure_packages(needs, progress)]
+    done += [f"created system user {u}" for u in ensure_service_users(list(needs.users), progress)]
+    for venv in needs.venvs:
+        if ensure_venv(venv.path, list(venv.requirements), progress):
+            done.append(f"built {venv.path}")
+        check_traversable(venv.path, venv.user or "root")
+    return done
 
 
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
@@ -124,8 +131,6 @@ def ensure_service_users(users: list[str], progress: Progress) -> list[str]:
     """System users the services run as: the distro packages create theirs; haflow creates the
     rest (`airflow`, `airflow-worker`), locked, without a login shell or home. Returns the users
     created."""
-    import pwd
-
     created = []
     for user in sorted(users, key=lambda u: u in PRIMARY_GROUP):  # a group's owner first
         try:
@@ -199,3 +204,34 @@ def check_traversable(path: Path, user: str) -> None:
             f"{path} is not reachable by user {user!r} ({blocked} is mode {stat.S_IMODE(blocked.stat().st_mode):o}); "
             f"set HAFLOW_VENVS to a directory it can reach, e.g. /var/lib/haflow/venvs"
         )
+
+
+def group_ids(user: str) -> set[int]:
+    pw = pwd.getpwnam(user)
+    return {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+
+
+def unreachable_ancestor(path: Path, user: str) -> Path | None:
+    """The first existing directory on the way to `path` that `user` may not traverse."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    groups = group_ids(user)
+    for d in reversed([path, *path.parents]):
+        if not d.exists():
+            break
+        st = d.stat()
+        if st.st_uid == pw.pw_uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return d
+    return None
+
+
+def reachable_by(path: Path, user: str) -> bool:
+    return unreachable_ancestor(path, user) is None

@@ -1,0 +1,317 @@
+"""`up`'s order and health gates, run against a host that only records what it is told.
+
+The RecordingHost implements the host contract (hosts/base.py) in memory; the layers' probes
+answer from what it started, as the real servers would: etcd is healthy once every member
+runs, the database once etcd is healthy and every Patroni runs, and so on. So a layer started
+before the one it depends on, or a gate not waited for, shows up as a wrong order or a start
+that should not have happened. The drills' fault checks run against the same host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from haflow import cluster as cluster_mod
+from haflow.cluster import Cluster
+from haflow.components import airflow, airflow_api, etcd, haproxy, patroni, postgres, rabbitmq
+from haflow.components.base import DesiredState, Needs
+from haflow.drills import scenarios
+from haflow.drills.scenarios import Fault
+from haflow.errors import ClusterUnhealthy
+from haflow.facts import NodeLayout
+from haflow.fsutil import tree_checksum
+from haflow.hosts.base import Change, Host, Instance, Machine, Say, Target
+from haflow.spec import default_spec_text, parse_spec
+
+AIRFLOW_SERVICES = (airflow.API, airflow.SCHEDULER, airflow.DAG_PROCESSOR, airflow.TRIGGERER, airflow.WORKER)
+
+
+class RecordingHost:
+    kind = "recording"
+
+    def __init__(self, root: Path, nodes: tuple[str, ...]) -> None:
+        self.root = root
+        self.nodes = nodes
+        self.calls: list[tuple[str, ...]] = []
+        self.up: dict[str, int] = {}  # "target/service" -> instance number
+        self.booted: set[str] = set()
+        self.counter = 0
+        self.ignore_kills = False  # a broken host: kill verbs change nothing
+        self.trees: dict[tuple[str, Path], str] = {}
+
+    @staticmethod
+    def _name(target: Target) -> str:
+        return f"machine:{target.name}" if isinstance(target, Machine) else target
+
+    def layout(self, node: str) -> NodeLayout:
+        base = self.root / node
+        return NodeLayout(root=base, services=base, db_root=base / "pg", run=base / "run", logs=base / "logs",
+                          venvs=self.root / "venvs", db_user="postgres", task_logs=self.root / "task-logs",
+                          serve_task_logs=True)
+
+    def machine_layout(self, machine: Machine) -> NodeLayout:
+        return self.layout("_machine")
+
+    def machines(self) -> list[Machine]:
+        return [Machine("m", self.nodes)]
+
+    def preflight(self, target: Target, listen: dict[tuple[str, int], str]) -> list[str]:
+        return []
+
+    def missing(self, machine: Machine, needs: Needs) -> list[str]:
+        return []
+
+    def provision(self, machine: Machine, needs: Needs, say: Say) -> list[str]:
+        self.calls.append(("provision", machine.name, *sorted(p.apt for p in needs.packages)))
+        return []
+
+    def plan(self, target: Target, desired: DesiredState) -> list[Change]:
+        return []
+
+    def apply(self, target: Target, desired: DesiredState) -> list[Path]:
+        self.calls.append(("apply", self._name(target)))
+        return []
+
+    def boot(self, target: Target) -> bool:
+        name = self._name(target)
+        if name in self.booted:
+            return False
+        self.booted.add(name)
+        return True
+
+    def start(self, target: Target, service: str) -> bool:
+        key = f"{self._name(target)}/{service}"
+        if key in self.up:
+            return False
+        self.counter += 1
+        self.up[key] = self.counter
+        self.calls.append(("start", self._name(target), service))
+        return True
+
+    def stop(self, target: Target, service: str) -> None:
+        self.up.pop(f"{self._name(target)}/{service}", None)
+        self.calls.append(("stop", self._name(target), service))
+
+    def restart(self, target: Target, service: str) -> None:
+        self.stop(target, service)
+        self.start(target, service)
+
+    def reload(self, target: Target, service: str) -> bool:
+        self.calls.append(("reload", self._name(target), service))
+        return True
+
+    def instance(self, target: Target, service: str) -> Instance | None:
+        n = self.up.get(f"{self._name(target)}/{service}")
+        return Instance(self._name(target), service, str(n)) if n else None
+
+    def stale(self, target: Target) -> list[str]:
+        return []
+
+    def changed_since_start(self, target: Target, service: str, paths: tuple[Path, ...]) -> bool:
+        return False
+
+    def run(self, node: str, argv: list[str], env: dict[str, str], timeout: float = 600,
+            user: str | None = None, cwd: Path | None = None) -> tuple[int, str]:
+        self.calls.append(("run", node, *argv[-2:]))
+        return 0, "ok"
+
+    def put_tree(self, node: str, source: Path, dest: Path, owner: str | None = None) -> bool:
+        self.calls.append(("put_tree", node))
+        had = self.trees.get((node, dest))
+        self.trees[(node, dest)] = tree_checksum(source)
+        return had != self.trees[(node, dest)]
+
+    def tree_checksum(self, node: str, dest: Path) -> str | None:
+        return self.trees.get((node, dest))
+
+    def kill_service(self, node: str, service: str) -> list[Instance]:
+        killed = self.instance(node, service)
+        if not self.ignore_kills:
+            self.up.pop(f"{node}/{service}", None)
+            self.start(node, service)  # its init restarts it: a new instance
+        return [killed] if killed else []
+
+    def kill_node(self, target: Target) -> int:
+        name = self._name(target)
+        if self.ignore_kills:
+            return 0
+        self.booted.discard(name)
+        for key in [k for k in self.up if k.startswith(f"{name}/")]:
+            del self.up[key]
+        return 1
+
+    def running(self, target: Target) -> bool:
+        return self._name(target) in self.booted
+
+    def stop_node(self, target: Target) -> None:
+        name = self._name(target)
+        self.booted.discard(name)
+        for key in [k for k in self.up if k.startswith(f"{name}/")]:
+            del self.up[key]  # its init stops what still runs
+
+    def leftovers(self, target: Target, timeout: float = 10.0) -> list[str]:
+        name = self._name(target)
+        return [k for k in self.up if k.startswith(f"{name}/")] if name not in self.booted else []
+
+    def purge(self) -> None:
+        pass
+
+
+def _everywhere(host: RecordingHost, service: str, nodes: list[str]) -> bool:
+    return all(f"{n}/{service}" in host.up for n in nodes)
+
+
+def _layers(host: RecordingHost, names: list[str], fail: str | None) -> dict[str, Any]:
+    """Probes that answer from the recording host, as the servers would; `fail`: a layer that
+    never becomes healthy."""
+    def etcd_ok() -> bool:
+        return fail != "etcd" and _everywhere(host, etcd.NAME, names)
+
+    def db_ok() -> bool:
+        return fail != "database" and etcd_ok() and _everywhere(host, patroni.NAME, names)
+
+    def layer(ok: bool, members: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
+        return {"healthy": ok, "problems": [] if ok else ["not yet"], "members": members or [], **extra}
+
+    return {
+        "etcd": lambda facts: layer(etcd_ok()),
+        "etcd_leader": lambda facts, timeout=3.0: "node1" if etcd_ok() else None,
+        "patroni": lambda facts: layer(db_ok(), [{"node": n, "pending_restart": False} for n in names],
+                                       leader="node1" if db_ok() else None),
+        "haproxy": lambda facts, secrets, leader: layer(fail != "balancers" and db_ok()
+                                                        and _everywhere(host, haproxy.NAME, names)),
+        "rabbitmq": lambda facts, secrets: layer(fail != "broker" and "machine:m/epmd" in host.up
+                                                 and _everywhere(host, rabbitmq.NAME, names)),
+        "api_health": lambda node, timeout=3.0: {} if f"{node.name}/{airflow.API}" in host.up else None,
+        "airflow": lambda facts, secrets, dags, endpoint: layer(
+            fail != "airflow" and all(_everywhere(host, s, names) for s in AIRFLOW_SERVICES)),
+    }
+
+
+@pytest.fixture
+def recorded(tmp_path, monkeypatch):
+    """A Cluster on a RecordingHost, with the layers' probes answering from it."""
+    def make(fail: str | None = None) -> tuple[Cluster, RecordingHost]:
+        spec = parse_spec(yaml.safe_load(default_spec_text()))
+        names = [n.name for n in spec.nodes]
+        host = RecordingHost(tmp_path / "host", tuple(names))
+        assert isinstance(host, Host)  # the contract, checked structurally
+        probes = _layers(host, names, fail)
+        for module, attr, key in [(etcd, "probe", "etcd"), (etcd, "leader_name", "etcd_leader"),
+                                  (patroni, "probe", "patroni"), (haproxy, "probe", "haproxy"),
+                                  (rabbitmq, "probe", "rabbitmq"), (airflow, "api_health", "api_health"),
+                                  (airflow, "probe", "airflow")]:
+            monkeypatch.setattr(module, attr, probes[key])
+        # what `up` does inside the servers once their layer is healthy: nothing to record here
+        monkeypatch.setattr(patroni, "reconcile_dynamic_config", lambda *a: {})
+        monkeypatch.setattr(etcd, "ensure_auth", lambda *a: [])
+        monkeypatch.setattr(etcd, "move_leader_away", lambda *a: None)
+        monkeypatch.setattr(postgres, "ensure_airflow_database", lambda *a: [])
+        monkeypatch.setattr(postgres, "live_primary_endpoint", lambda facts: facts.nodes[0].pg_primary)
+        monkeypatch.setattr(airflow_api, "login_works", lambda *a: True)
+        for name in ("ETCD_TIMEOUT_S", "DATABASE_TIMEOUT_S", "BALANCER_TIMEOUT_S", "BROKER_TIMEOUT_S", "AIRFLOW_TIMEOUT_S"):
+            monkeypatch.setattr(cluster_mod, name, 1.5)
+        return Cluster(spec, tmp_path / "state", host=host), host
+    return make
+
+
+def _starts(host: RecordingHost) -> list[tuple[str, str]]:
+    return [(c[1], c[2]) for c in host.calls if c[0] == "start"]
+
+
+def test_up_starts_each_layer_after_the_one_it_depends_on(recorded):
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    services = [s for _, s in _starts(host)]
+    order = [etcd.NAME, patroni.NAME, haproxy.NAME, rabbitmq.EPMD, rabbitmq.NAME, airflow.API, airflow.SCHEDULER,
+             airflow.DAG_PROCESSOR, airflow.TRIGGERER, airflow.WORKER]
+    assert sorted(set(services), key=order.index) == order
+    last = {s: max(i for i, x in enumerate(services) if x == s) for s in order}
+    first = {s: min(i for i, x in enumerate(services) if x == s) for s in order}
+    for before, after in zip(order, order[1:]):
+        assert last[before] < first[after], f"{after} started before every {before} had"
+    assert (("machine:m", rabbitmq.EPMD)) in _starts(host)  # epmd is the machine's, not a node's
+    # provisioning comes first and asks for every component's packages
+    assert host.calls[0][:2] == ("provision", "m") and "etcd-server" in host.calls[0] and "haproxy" in host.calls[0]
+    # the DAGs reached every node before the api-servers started
+    puts = [i for i, c in enumerate(host.calls) if c[0] == "put_tree"]
+    assert len(puts) == 3 and max(puts) < host.calls.index(("start", "node1", airflow.API))
+
+
+def test_a_layer_that_never_gets_healthy_stops_up_before_the_next(recorded):
+    cluster, host = recorded(fail="database")
+    with pytest.raises(ClusterUnhealthy, match="database"):
+        cluster.up(smoke=False)
+    services = {s for _, s in _starts(host)}
+    assert patroni.NAME in services and haproxy.NAME not in services and rabbitmq.NAME not in services
+
+
+def test_the_broker_gate_holds_airflow_back(recorded):
+    cluster, host = recorded(fail="broker")
+    with pytest.raises(ClusterUnhealthy, match="broker"):
+        cluster.up(smoke=False)
+    assert not any(s.startswith("airflow") for _, s in _starts(host))
+
+
+def test_a_second_up_starts_nothing(recorded):
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    before = len(_starts(host))
+    again = cluster.up(smoke=False)
+    assert len(_starts(host)) == before and again["changed"] == []
+
+
+def test_down_stops_replicas_before_the_leader_and_proves_nothing_is_left(recorded):
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    host.calls.clear()
+    cluster.down()
+    stops = [(c[1], c[2]) for c in host.calls if c[0] == "stop"]
+    patroni_stops = [n for n, s in stops if s == patroni.NAME]
+    assert patroni_stops[-1] == "node1" and sorted(patroni_stops[:-1]) == ["node2", "node3"]
+    assert [s for _, s in stops].index(patroni.NAME) > max(i for i, (_, s) in enumerate(stops) if s == haproxy.NAME)
+    assert not any(host.running(n) for n in cluster.facts.node_names)
+
+
+def test_down_fails_when_something_outlives_it(recorded):
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    # a host whose stops do nothing: the inits go away, their services stay
+    host.stop = lambda target, service: None
+    host.stop_node = lambda target: host.booted.discard(host._name(target))
+    with pytest.raises(ClusterUnhealthy, match="still running after down"):
+        cluster.down()
+
+
+# --- the drills' proof that a fault took effect ---------------------------------------------------
+
+
+def test_a_killed_service_must_be_replaced(recorded):
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    fault = scenarios._kill(airflow.SCHEDULER, "the scheduler")(cluster, "node2")
+    assert scenarios.took_effect(cluster, fault) == (True, "")
+    host.ignore_kills = True
+    fault = scenarios._kill(airflow.SCHEDULER, "the scheduler")(cluster, "node2")
+    ok, why = scenarios.took_effect(cluster, fault)
+    assert not ok and "still runs as the instance the fault claims it killed" in why
+
+
+def test_a_crashed_node_must_be_down(recorded):
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    assert scenarios.took_effect(cluster, scenarios._crash_node(cluster, "node3")) == (True, "")
+    cluster.up(smoke=False)
+    host.ignore_kills = True
+    ok, why = scenarios.took_effect(cluster, scenarios._crash_node(cluster, "node3"))
+    assert not ok and "node3 still runs" in why
+
+
+def test_a_fault_that_killed_nothing_did_not_take_effect(recorded):
+    cluster, _ = recorded()
+    ok, why = scenarios.took_effect(cluster, Fault("node1", "nothing", service=airflow.API))
+    assert not ok and "no instance" in why
