@@ -72,7 +72,7 @@ class PrimaryWatch(threading.Thread):
 
 def node_crash(cluster: Cluster, run_id: int, colocate: bool) -> dict:
     facts = cluster.facts
-    leader = patroni.probe(facts)["leader"]
+    leader = patroni.probe(facts).leader
     if colocate and etcd.leader_name(facts) != leader:
         leader_member = next(n for n in facts.etcd_members if n.name == leader)
         current = etcd.leader_name(facts)

@@ -13,17 +13,18 @@ PID, a supervisor or a unit file.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from haflow import hosts
 from haflow.components import REGISTRY, airflow, airflow_api, etcd, haproxy, patroni, postgres, rabbitmq
-from haflow.components.base import DesiredState, Needs, Service
+from haflow.components.base import DesiredState, LayerStatus, Needs, Service
 from haflow.dags import Dags
 from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
@@ -35,6 +36,7 @@ from haflow.spec import Spec
 from haflow.statedir import StateDir
 
 Say = Callable[[str], None]
+L = TypeVar("L", bound=LayerStatus)
 
 ETCD_TIMEOUT_S = 60
 BROKER_TIMEOUT_S = 120
@@ -130,7 +132,7 @@ class Cluster:
         changed += etcd.ensure_auth(self.facts, self.secrets)
         self._up_balancers(file_changes, changed)
         self._up_broker(file_changes, changed)
-        leader = self.facts.node(db["leader"])
+        leader = self.facts.node(db.leader)
         changed += postgres.ensure_airflow_database(self.facts, self.secrets, leader.pg_primary)
         self._up_airflow(file_changes, changed)
         moved = etcd.move_leader_away(self.facts, leader.name)
@@ -180,18 +182,18 @@ class Cluster:
                                         gate=("etcd quorum", quorum), last=etcd.leader_name(self.facts, timeout=1.0))
         self._wait("etcd quorum (all members healthy, a leader)", ETCD_TIMEOUT_S, quorum)
 
-    def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> dict[str, Any]:
+    def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> patroni.DatabaseStatus:
         self.say("starting Patroni")
         changed += self._ensure_service(patroni.NAME, self.facts.node_names, file_changes, reload=True,
                                         gate=("database", lambda: patroni.probe(self.facts)),
-                                        last=patroni.probe(self.facts)["leader"])
+                                        last=patroni.probe(self.facts).leader)
         db = self._wait(
             f"database (a leader, {len(self.facts.nodes) - 1} streaming replicas"
             + (", a synchronous standby)" if self.spec.database.synchronous_mode else ")"),
             DATABASE_TIMEOUT_S,
             lambda: patroni.probe(self.facts),
         )
-        patch = patroni.reconcile_dynamic_config(self.facts, self.secrets, self.facts.node(db["leader"]))
+        patch = patroni.reconcile_dynamic_config(self.facts, self.secrets, self.facts.node(db.leader))
         if patch:
             changed.append(f"updated Patroni's cluster config: {', '.join(sorted(_flat_keys(patch)))}")
         rolled = self._roll_postgres_restarts(wait_s=self.spec.database.loop_wait + 5 if "postgresql" in patch else 0)
@@ -211,7 +213,7 @@ class Cluster:
             db = patroni.probe(self.facts)
             pending |= set(patroni.pending_restart(db))
         done = []
-        leader = db["leader"]
+        leader = db.leader
         for node in sorted(pending, key=lambda n: n == leader):
             if node == leader:
                 moved = self.switchover()
@@ -229,8 +231,8 @@ class Cluster:
 
     def _up_balancers(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting HAProxy")
-        def routed() -> dict[str, Any]:
-            return haproxy.probe(self.facts, self.secrets, patroni.probe(self.facts)["leader"])
+        def routed() -> LayerStatus:
+            return haproxy.probe(self.facts, self.secrets, patroni.probe(self.facts).leader)
 
         changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes, gate=("balancers", routed))
         self._wait("balancers (every node's primary port routes to the leader)", BALANCER_TIMEOUT_S, routed)
@@ -261,9 +263,9 @@ class Cluster:
         self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)",
                    AIRFLOW_TIMEOUT_S, lambda: self.airflow_probe())
 
-    def _api_servers_probe(self) -> dict[str, Any]:
+    def _api_servers_probe(self) -> LayerStatus:
         down = [n.name for n in self.facts.nodes if airflow.api_health(n) is None]
-        return {"healthy": not down, "problems": [f"api-server not answering on {', '.join(down)}"] if down else []}
+        return LayerStatus(not down, (f"api-server not answering on {', '.join(down)}",) if down else ())
 
     def _ensure_airflow_admin(self) -> list[str]:
         """FAB: the generated admin logs in, or is created (or its password reset) so it does."""
@@ -302,7 +304,7 @@ class Cluster:
         changed.append(f"migrated the Airflow database to {self.spec.airflow.version}")
 
     # --- the Airflow layer ----------------------------------------------------------------------
-    def airflow_probe(self) -> dict[str, Any]:
+    def airflow_probe(self) -> airflow.AirflowStatus:
         return airflow.probe(self.facts, self.secrets, self.dags.status(), postgres.live_primary_endpoint(self.facts))
 
     def run_example_dag(self) -> dict[str, Any]:
@@ -330,7 +332,7 @@ class Cluster:
 
     def _ensure_service(
         self, service: str, nodes: list[str], file_changes: dict[str, list[Path]], reload: bool = False,
-        gate: tuple[str, Callable[[], dict[str, Any]]] | None = None, last: str | None = None,
+        gate: tuple[str, Callable[[], LayerStatus]] | None = None, last: str | None = None,
     ) -> list[str]:
         """Start the service where it is not running; where its config changed, reload it, or
         restart it one node at a time (the `last` node, e.g. the leader, at the end), waiting
@@ -390,16 +392,16 @@ class Cluster:
         return (any(p in spec.restart_files for p in file_changes.get(node, []))
                 or self.host.changed_since_start(node, service, spec.restart_files))
 
-    def _wait(self, what: str, timeout: float, probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _wait(self, what: str, timeout: float, probe: Callable[[], L]) -> L:
         self.say(f"waiting for {what}")
         deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
+        last: L | None = None
         while time.monotonic() < deadline:
             last = probe()
-            if last.get("healthy"):
+            if last.healthy:
                 return last
             time.sleep(0.5)
-        why = "; ".join(last.get("problems", [])) or _unhealthy_members(last)
+        why = ("; ".join(last.problems) or _unhealthy_members(last)) if last else "not probed"
         raise ClusterUnhealthy(
             f"timed out after {timeout:.0f}s waiting for {what}: {why}; data is kept, check the logs under "
             f"{self.state_dir}/nodes/*/logs and re-run `haflow up`"
@@ -426,7 +428,7 @@ class Cluster:
         self._parallel(lambda n: self.host.stop(n, haproxy.NAME), nodes)
 
         self.say("stopping Patroni (replicas first, then the leader)")
-        leader = patroni.probe(self.facts)["leader"]
+        leader = patroni.probe(self.facts).leader
         self._parallel(lambda n: self.host.stop(n, patroni.NAME), [n for n in nodes if n != leader])
         if leader:
             self.host.stop(leader, patroni.NAME)
@@ -474,9 +476,12 @@ class Cluster:
         t0 = time.monotonic()
         patroni.request_switchover(self.facts, self.secrets, leader, candidate)
 
-        def routed() -> dict[str, Any]:
+        def routed() -> LayerStatus:
             lb = haproxy.probe(self.facts, self.secrets, candidate)
-            return {**lb, "healthy": lb["healthy"] and patroni.probe(self.facts)["leader"] == candidate}
+            leader = patroni.probe(self.facts).leader
+            if leader == candidate:
+                return lb
+            return dataclasses.replace(lb, healthy=False, problems=(*lb.problems, f"the primary is {leader or 'none'}"))
 
         self._wait(f"every balancer to route to {candidate}", timeout, routed)
         moved = etcd.move_leader_away(self.facts, candidate)
@@ -504,6 +509,6 @@ def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _unhealthy_members(status: dict[str, Any]) -> str:
-    bad = [m.get("node", "?") for m in status.get("members", []) if not m.get("healthy", True)]
+def _unhealthy_members(status: LayerStatus) -> str:
+    bad = status.unhealthy_nodes()
     return f"not healthy: {', '.join(bad)}" if bad else "not healthy yet"

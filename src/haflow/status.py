@@ -6,12 +6,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from haflow.cluster import Cluster
-from haflow.components import etcd, haproxy, patroni, rabbitmq
+from haflow.components import airflow, etcd, haproxy, patroni, rabbitmq
+from haflow.components.base import LayerStatus
 
 
 def snapshot(cluster: Cluster) -> dict[str, Any]:
+    """Every layer's probe (frozen dataclasses) rendered to the `status --json` schema."""
     facts = cluster.facts
     secrets = cluster.secrets if cluster.exists() else None
+    not_created = "cluster not created yet"
     with ThreadPoolExecutor(max_workers=4) as pool:
         dcs_f = pool.submit(etcd.probe, facts)
         db_f = pool.submit(patroni.probe, facts)
@@ -21,27 +24,22 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
             {"node": n.name, "address": n.address, "supervisor": cluster.host.running(n.name)} for n in facts.nodes
         ]
         dcs, database = dcs_f.result(), db_f.result()
-    balancer = haproxy.probe(facts, secrets, database["leader"]) if secrets else {
-        "healthy": False, "endpoints": haproxy.endpoints(facts),
-        "members": [{"node": n, "healthy": False, "primary_up": [], "replicas_up": [], "amqp_up": [], "api_up": [],
-                     "reason": "cluster not created yet"} for n in facts.node_names]}
-    airflow_layer = cluster.airflow_probe() if secrets else {
-        "healthy": False, "api_servers": [], "schedulers": [], "triggerers": [], "dag_processors": [],
-        "dag_processor_holder": None, "workers": [], "endpoints": {"api": facts.api_urls},
-        "dags": cluster.dags.status(), "problems": ["cluster not created yet"]}
-    broker = broker_f.result() if broker_f else {
-        "healthy": False, "members": [{"node": n, "running": False, "alarms": [], "partitions": []} for n in facts.node_names],
-        "quorum_queues": [], "classic_queues": [], "endpoints": {"amqp": facts.amqp_endpoints}, "problems": ["cluster not created yet"]}
-    layers = {"dcs": dcs, "database": database, "balancer": balancer, "broker": broker, "airflow": airflow_layer}
+    balancer = (haproxy.probe(facts, secrets, database.leader) if secrets
+                else haproxy.BalancerStatus.unknown(facts, not_created))
+    airflow_layer = (cluster.airflow_probe() if secrets
+                     else airflow.AirflowStatus.unknown(facts, cluster.dags.status(), not_created))
+    broker = broker_f.result() if broker_f else rabbitmq.BrokerStatus.unknown(facts, not_created)
+    layers: dict[str, LayerStatus] = {"dcs": dcs, "database": database, "balancer": balancer, "broker": broker,
+                                      "airflow": airflow_layer}
     running = cluster.removed_nodes_running()
     removed = [{"node": n, "running": n in running} for n in cluster.state.removed_nodes(cluster.spec)]
     return {
         "cluster": facts.name,
-        "healthy": all(layer["healthy"] for layer in layers.values()) and not any(r["running"] for r in removed),
+        "healthy": all(layer.healthy for layer in layers.values()) and not any(r["running"] for r in removed),
         "state_dir": str(cluster.state_dir),
         "nodes": nodes,
         "removed_nodes": removed,
-        "layers": layers,
+        "layers": {name: layer.to_json() for name, layer in layers.items()},
     }
 
 

@@ -91,3 +91,51 @@ def test_drill_on_a_stopped_cluster_exits_1_at_once(tmp_path, monkeypatch):
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: node1, node2, node3 are down") and "haflow up" in lines[-1]
+
+
+# --- the report's invariants, each shown breaking ---------------------------------------------
+
+
+def _report(effect=(True, ""), triggered=("p-00001", "p-00002"), states=None, lost=(), healthy=True):
+    from haflow.drills.monitor import Timeline
+    from haflow.drills.runner import _report as report
+    from haflow.drills.scenarios import Fault
+    from haflow.drills.writer import WriteLog
+
+    t0 = 1000.0
+    states = {"p-00001": "success", "p-00002": "success"} if states is None else states
+    rows = [_row(r, i) for r in states for i in range(canary.TASKS_PER_RUN)]
+    wlog = WriteLog(acknowledged=[1, 2, 3], ack_times=[999.0, 1001.0, 1002.0])
+    tlog = canary.TriggerLog(triggered=[(t0 + i, r) for i, r in enumerate(triggered)])
+    fault = Fault("node1", "SIGKILL the scheduler on node1", service="airflow-scheduler")
+    return report("scheduler-crash", SCENARIOS["scheduler-crash"], fault, effect, t0, t0 + 1, t0 + 5 if healthy else None,
+                  t0 + 10, wlog, tlog, states, rows, [], {"retried": 2, "delay_s": 31.5}, list(lost), Timeline(), [])
+
+
+def test_report_keeps_every_invariant_of_a_good_drill():
+    r = _report()
+    assert r["ok"] and r["violations"] == []
+    assert (r["fault_took_effect"], r["canary_triggers_acknowledged"], r["canary_runs_found"]) == (True, 2, 2)
+    assert (r["task_instances_retried"], r["retry_delay_s"]) == (2, 31.5)
+
+
+def test_a_fault_without_effect_breaks_the_drill():
+    r = _report(effect=(False, "airflow-scheduler on node1 still runs"))
+    assert not r["ok"] and r["fault_took_effect"] is False
+    assert r["violations"] == ["the fault did not take effect: airflow-scheduler on node1 still runs"]
+
+
+def test_an_acknowledged_trigger_without_a_dag_run_breaks_the_drill():
+    r = _report(triggered=("p-00001", "p-00002", "p-00003"))
+    assert not r["ok"] and r["canary_runs_found"] == 2 and r["canary_triggers_acknowledged"] == 3
+    assert r["violations"] == ["1 acknowledged canary triggers have no DAG run (first: p-00003)"]
+
+
+def test_a_drill_without_canary_runs_fails():
+    r = _report(triggered=(), states={})
+    assert not r["ok"] and "no canary DAG run was acknowledged" in r["violations"][0]
+
+
+def test_a_lost_write_breaks_the_drill():
+    r = _report(lost=[2])
+    assert not r["ok"] and r["violations"] == ["1 acknowledged writes lost"]

@@ -18,7 +18,7 @@ import yaml
 from haflow import cluster as cluster_mod
 from haflow.cluster import Cluster
 from haflow.components import airflow, airflow_api, etcd, haproxy, patroni, postgres, rabbitmq
-from haflow.components.base import DesiredState, Needs
+from haflow.components.base import DesiredState, LayerStatus, Needs
 from haflow.drills import scenarios
 from haflow.drills.scenarios import Fault
 from haflow.errors import ClusterUnhealthy
@@ -174,14 +174,19 @@ def _layers(host: RecordingHost, names: list[str], fail: str | None) -> dict[str
     def db_ok() -> bool:
         return fail != "database" and etcd_ok() and _everywhere(host, patroni.NAME, names)
 
-    def layer(ok: bool, members: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
-        return {"healthy": ok, "problems": [] if ok else ["not yet"], "members": members or [], **extra}
+    def layer(ok: bool) -> LayerStatus:
+        return LayerStatus(ok, () if ok else ("not yet",))
+
+    def database() -> patroni.DatabaseStatus:
+        ok = db_ok()
+        members = tuple(patroni.DbMember(n, "leader" if n == "node1" else "replica", "running" if n == "node1" else "streaming",
+                                         0, 1, False) for n in names)
+        return patroni.DatabaseStatus(ok, () if ok else ("not yet",), "node1" if ok else None, members)
 
     return {
         "etcd": lambda facts: layer(etcd_ok()),
         "etcd_leader": lambda facts, timeout=3.0: "node1" if etcd_ok() else None,
-        "patroni": lambda facts: layer(db_ok(), [{"node": n, "pending_restart": False} for n in names],
-                                       leader="node1" if db_ok() else None),
+        "patroni": lambda facts: database(),
         "haproxy": lambda facts, secrets, leader: layer(fail != "balancers" and db_ok()
                                                         and _everywhere(host, haproxy.NAME, names)),
         "rabbitmq": lambda facts, secrets: layer(fail != "broker" and "machine:m/epmd" in host.up
@@ -315,3 +320,45 @@ def test_a_fault_that_killed_nothing_did_not_take_effect(recorded):
     cluster, _ = recorded()
     ok, why = scenarios.took_effect(cluster, Fault("node1", "nothing", service=airflow.API))
     assert not ok and "no instance" in why
+
+
+# --- probe results are frozen dataclasses; `status --json` keeps every key -----------------------
+
+OLD_SCHEMA = {  # the keys `status --json` had before the probes became dataclasses (docs/status.md)
+    "dcs": {"healthy", "leader", "cluster_version", "quota_bytes", "alarms", "members", "problems"},
+    "database": {"healthy", "leader", "members", "problems"},
+    "balancer": {"healthy", "endpoints", "members"},
+    "broker": {"healthy", "members", "quorum_queues", "classic_queues", "endpoints", "problems"},
+    "airflow": {"healthy", "api_servers", "schedulers", "triggerers", "dag_processors", "dag_processor_holder", "workers",
+                "endpoints", "dags", "problems"},
+}
+MEMBER_KEYS = {
+    "dcs": {"node", "healthy", "db_size_bytes"},
+    "database": {"node", "role", "state", "lag_bytes", "timeline", "pending_restart"},
+    "balancer": {"node", "healthy", "primary_up", "replicas_up", "amqp_up", "api_up", "reason"},
+    "broker": {"node", "running", "alarms", "partitions"},
+}
+
+
+def test_layer_snapshots_are_frozen_and_keep_the_status_schema(tmp_path):
+    import dataclasses
+
+    spec = parse_spec(yaml.safe_load(default_spec_text()))
+    from haflow.facts import ClusterFacts
+    facts = ClusterFacts(spec)
+    layers = {
+        "dcs": etcd.EtcdStatus(True, (), "node1", "3.4.0", 1, (), (etcd.EtcdMember("node1", True, 4096),)),
+        "database": patroni.DatabaseStatus(True, (), "node1", (patroni.DbMember("node1", "leader", "running", 0, 1, False),)),
+        "balancer": haproxy.BalancerStatus.unknown(facts, "not created"),
+        "broker": rabbitmq.BrokerStatus.unknown(facts, "not created"),
+        "airflow": airflow.AirflowStatus.unknown(facts, {"agree": False}, "not created"),
+    }
+    for name, layer in layers.items():
+        rendered = layer.to_json()
+        assert OLD_SCHEMA[name] <= set(rendered), (name, OLD_SCHEMA[name] - set(rendered))
+        if name in MEMBER_KEYS:
+            assert set(rendered["members"][0]) == MEMBER_KEYS[name]
+        assert isinstance(rendered["problems"], list)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            layer.healthy = True  # type: ignore[misc]
+    assert layers["balancer"].unhealthy_nodes() == facts.node_names

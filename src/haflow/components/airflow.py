@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 
 from haflow.components import etcd
-from haflow.components.base import DesiredState, Directory, File, Needs, Service, Venv
+from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Service, Venv
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -319,23 +320,52 @@ JOB_TYPES = {"SchedulerJob": "schedulers", "TriggererJob": "triggerers", "DagPro
 HEARTBEAT_STALE_S = 30
 
 
-def probe(facts: ClusterFacts, secrets: Secrets, dags: dict[str, Any], endpoint: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ApiServerHealth:
+    node: str
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class JobHeartbeat:
+    node: str | None
+    heartbeat_age_s: float
+
+
+@dataclass(frozen=True)
+class AirflowStatus(LayerStatus):
+    api_servers: tuple[ApiServerHealth, ...]
+    schedulers: tuple[JobHeartbeat, ...]
+    triggerers: tuple[JobHeartbeat, ...]
+    dag_processors: tuple[JobHeartbeat, ...]
+    dag_processor_holder: str | None
+    workers: tuple[str, ...]
+    endpoints: dict[str, list[str]]
+    dags: dict[str, Any]
+
+    @classmethod
+    def unknown(cls, facts: ClusterFacts, dags: dict[str, Any], reason: str) -> "AirflowStatus":
+        return cls(healthy=False, problems=(reason,), api_servers=(), schedulers=(), triggerers=(), dag_processors=(),
+                   dag_processor_holder=None, workers=(), endpoints={"api": facts.api_urls}, dags=dags)
+
+
+def probe(facts: ClusterFacts, secrets: Secrets, dags: dict[str, Any], endpoint: str) -> AirflowStatus:
     """Layer status: api-servers with health; schedulers, dag-processors and triggerers with
     their last heartbeat age; the dag-processor lease holder; Celery workers that answer; DAGs."""
-    api = [{"node": n.name, "healthy": api_health(n) is not None} for n in facts.nodes]
+    api = tuple(ApiServerHealth(n.name, api_health(n) is not None) for n in facts.nodes)
     jobs = layer_jobs(facts, secrets, endpoint)
-    groups: dict[str, list[dict[str, Any]]] = {v: [] for v in JOB_TYPES.values()}
+    groups: dict[str, list[JobHeartbeat]] = {v: [] for v in JOB_TYPES.values()}
     for j in sorted(jobs, key=lambda j: (j["node"] or "", j["heartbeat_age_s"])):
-        groups[JOB_TYPES[j["type"]]].append({"node": j["node"], "heartbeat_age_s": j["heartbeat_age_s"]})
+        groups[JOB_TYPES[j["type"]]].append(JobHeartbeat(j["node"], j["heartbeat_age_s"]))
     workers = ping_workers(facts, secrets)
     expected_workers = [worker_name(facts, n.name) for n in facts.nodes]
-    problems = [f"api-server on {a['node']} not healthy" for a in api if not a["healthy"]]
+    problems = [f"api-server on {a.node} not healthy" for a in api if not a.healthy]
     for kind in ("schedulers", "triggerers"):
-        fresh = {j["node"] for j in groups[kind] if j["heartbeat_age_s"] < HEARTBEAT_STALE_S}
+        fresh = {j.node for j in groups[kind] if j.heartbeat_age_s < HEARTBEAT_STALE_S}
         missing = [n for n in facts.node_names if n not in fresh]
         if missing:
             problems.append(f"{kind[:-1]} without a fresh heartbeat on {', '.join(missing)}")
-    fresh_dp = [j for j in groups["dag_processors"] if j["heartbeat_age_s"] < HEARTBEAT_STALE_S]
+    fresh_dp = [j for j in groups["dag_processors"] if j.heartbeat_age_s < HEARTBEAT_STALE_S]
     if len(fresh_dp) != 1:
         problems.append(f"{len(fresh_dp)} dag-processors with a fresh heartbeat (want exactly 1)")
     missing_workers = [w for w in expected_workers if w not in workers]
@@ -343,13 +373,7 @@ def probe(facts: ClusterFacts, secrets: Secrets, dags: dict[str, Any], endpoint:
         problems.append(f"Celery workers not answering: {', '.join(missing_workers)}")
     if not dags.get("agree"):
         problems.append("DAG folders differ between nodes (`haflow dags push`)")
-    return {
-        "healthy": not problems,
-        "api_servers": api,
-        **groups,
-        "dag_processor_holder": dag_processor_holder(facts),
-        "workers": workers,
-        "endpoints": {"api": facts.api_urls},
-        "dags": dags,
-        "problems": problems,
-    }
+    return AirflowStatus(healthy=not problems, problems=tuple(problems), api_servers=api,
+                         schedulers=tuple(groups["schedulers"]), triggerers=tuple(groups["triggerers"]),
+                         dag_processors=tuple(groups["dag_processors"]), dag_processor_holder=dag_processor_holder(facts),
+                         workers=tuple(workers), endpoints={"api": facts.api_urls}, dags=dags)

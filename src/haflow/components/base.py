@@ -17,8 +17,10 @@ services and packages only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,27 @@ class Needs:
         def merge(a: tuple, b: tuple) -> tuple:
             return a + tuple(x for x in b if x not in a)
         return Needs(merge(self.packages, other.packages), merge(self.venvs, other.venvs), merge(self.users, other.users))
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """What a layer's probe returns: an immutable snapshot. Each component extends it with its
+    own fields; `to_json` renders it to its part of `status --json` (docs/status.md)."""
+
+    healthy: bool
+    problems: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def unhealthy_nodes(self) -> list[str]:
+        """The members that report themselves unhealthy (for a gate's error message)."""
+        return [m.node for m in getattr(self, "members", ()) if not getattr(m, "healthy", True)]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import yaml
 
-from haflow.components.base import DesiredState, Directory, File, Needs, Package, Service
+from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Package, Service
 from haflow.errors import ClusterUnhealthy
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Account, Secrets
@@ -143,31 +144,46 @@ def alarms(facts: ClusterFacts, names: dict[str, str], timeout: float = 2.0) -> 
     return None
 
 
-def probe(facts: ClusterFacts) -> dict[str, Any]:
-    """Layer status: `{"healthy", "leader", "cluster_version", "quota_bytes", "alarms",
-    "members": [{"node", "healthy", "db_size_bytes"}]}`."""
+@dataclass(frozen=True)
+class EtcdMember:
+    node: str
+    healthy: bool
+    db_size_bytes: int | None
+
+
+@dataclass(frozen=True)
+class EtcdStatus(LayerStatus):
+    leader: str | None
+    cluster_version: str | None
+    quota_bytes: int
+    alarms: tuple[str, ...]
+    members: tuple[EtcdMember, ...]
+
+
+def probe(facts: ClusterFacts) -> EtcdStatus:
+    """Layer status: every member healthy, a leader, the cluster version decided, no alarm."""
     members, names = [], {}
     for n in facts.etcd_members:
         status = _post(n, "/v3/maintenance/status", 2.0) or {}
         names[status.get("header", {}).get("member_id")] = n.name
         size = status.get("dbSize")
-        members.append({"node": n.name, "healthy": member_health(n), "db_size_bytes": int(size) if size else None})
+        members.append(EtcdMember(n.name, member_health(n), int(size) if size else None))
     leader = leader_name(facts)
     version = cluster_version(facts)
     raised = alarms(facts, names) or []
     problems = [f"etcd alarm {a} (NOSPACE: compact and defragment, then `etcdctl alarm disarm`)" for a in raised]
-    big = [m["node"] for m in members if m["db_size_bytes"] and m["db_size_bytes"] > QUOTA_BYTES * 0.8]
+    big = [m.node for m in members if m.db_size_bytes and m.db_size_bytes > QUOTA_BYTES * 0.8]
     if big:
         problems.append(f"etcd database above 80 % of its {QUOTA_BYTES} byte quota on {', '.join(big)}")
     if leader is None:
         problems.append("no etcd leader (quorum lost?)")
-    bad = [m["node"] for m in members if not m["healthy"]]
+    bad = [m.node for m in members if not m.healthy]
     if bad:
         problems.append(f"etcd member(s) not healthy: {', '.join(bad)}")
     if _version_tuple(version) < MIN_CLUSTER_VERSION:
         problems.append(f"etcd cluster version {version or 'undecided'} (waiting for >= 3.4)")
-    return {"healthy": not problems, "leader": leader, "cluster_version": version, "quota_bytes": QUOTA_BYTES,
-            "alarms": raised, "members": members, "problems": problems}
+    return EtcdStatus(healthy=not problems, problems=tuple(problems), leader=leader, cluster_version=version,
+                      quota_bytes=QUOTA_BYTES, alarms=tuple(raised), members=tuple(members))
 
 
 def move_leader_away(facts: ClusterFacts, avoid: str, timeout: float = 3.0) -> str | None:

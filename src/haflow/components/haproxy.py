@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from haflow.components.base import DesiredState, Directory, File, Needs, Package, Service
+from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Package, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.rendering import render_template
 from haflow.secrets import Secrets
@@ -89,29 +90,43 @@ def up_servers(states: dict[str, dict[str, str]], proxy: str) -> list[str]:
     return sorted(s for s, st in states.get(proxy, {}).items() if st == "UP")
 
 
-def probe(facts: ClusterFacts, secrets: Secrets, leader: str | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BalancerMember:
+    node: str
+    healthy: bool
+    primary_up: tuple[str, ...]
+    replicas_up: tuple[str, ...]
+    amqp_up: tuple[str, ...]
+    api_up: tuple[str, ...]
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class BalancerStatus(LayerStatus):
+    endpoints: dict[str, list[str]]
+    members: tuple[BalancerMember, ...]
+
+    @classmethod
+    def unknown(cls, facts: ClusterFacts, reason: str) -> "BalancerStatus":
+        members = tuple(BalancerMember(n, False, (), (), (), (), reason) for n in facts.node_names)
+        return cls(healthy=False, problems=(reason,), endpoints=endpoints(facts), members=members)
+
+
+def _member(node: str, states: dict[str, Any] | None, leader: str | None) -> BalancerMember:
+    if states is None:
+        return BalancerMember(node, False, (), (), (), (), "not answering")
+    primary = tuple(up_servers(states, PRIMARY_PROXY))
+    ok = leader is not None and primary == (leader,)
+    return BalancerMember(node, ok, primary, tuple(up_servers(states, REPLICAS_PROXY)),
+                          tuple(up_servers(states, AMQP_PROXY)), tuple(up_servers(states, API_PROXY)),
+                          None if ok else f"primary port routes to {list(primary) or 'nothing'}")
+
+
+def probe(facts: ClusterFacts, secrets: Secrets, leader: str | None) -> BalancerStatus:
     """Layer status: each node's balancer must route its primary port to exactly the leader."""
-    members = []
-    for node in facts.nodes:
-        states = server_states(node, secrets)
-        if states is None:
-            members.append({"node": node.name, "healthy": False, "primary_up": [], "replicas_up": [], "amqp_up": [],
-                            "api_up": [], "reason": "not answering"})
-            continue
-        primary = up_servers(states, PRIMARY_PROXY)
-        ok = leader is not None and primary == [leader]
-        members.append(
-            {
-                "node": node.name,
-                "healthy": ok,
-                "primary_up": primary,
-                "replicas_up": up_servers(states, REPLICAS_PROXY),
-                "amqp_up": up_servers(states, AMQP_PROXY),
-                "api_up": up_servers(states, API_PROXY),
-                "reason": None if ok else f"primary port routes to {primary or 'nothing'}",
-            }
-        )
-    return {"healthy": all(m["healthy"] for m in members), "endpoints": endpoints(facts), "members": members}
+    members = tuple(_member(node.name, server_states(node, secrets), leader) for node in facts.nodes)
+    problems = tuple(f"balancer on {m.node}: {m.reason}" for m in members if not m.healthy)
+    return BalancerStatus(healthy=not problems, problems=problems, endpoints=endpoints(facts), members=members)
 
 
 def endpoints(facts: ClusterFacts) -> dict[str, list[str]]:

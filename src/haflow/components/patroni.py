@@ -7,6 +7,7 @@ of its own process tree), so haflow supervises Patroni only and never starts pos
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
-from haflow.components.base import DesiredState, Directory, File, Forks, Needs, Package, Service, Venv
+from haflow.components.base import DesiredState, Directory, File, Forks, LayerStatus, Needs, Package, Service, Venv
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -248,44 +249,48 @@ def node_role(node: NodeFacts, path: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def probe(facts: ClusterFacts) -> dict[str, Any]:
-    """Layer status: `{"healthy", "leader", "members": [{"node", "role", "state", "lag_bytes", "timeline"}]}`."""
+@dataclass(frozen=True)
+class DbMember:
+    node: str
+    role: str | None  # leader, sync_standby, replica; None: Patroni does not list it
+    state: str  # running, streaming, ... or "unreachable"
+    lag_bytes: int | None
+    timeline: int | None
+    pending_restart: bool
+
+
+@dataclass(frozen=True)
+class DatabaseStatus(LayerStatus):
+    leader: str | None
+    members: tuple[DbMember, ...]
+
+
+def _member(name: str, m: dict[str, Any] | None) -> DbMember:
+    if m is None:
+        return DbMember(name, None, "unreachable", None, None, False)
+    lag = m.get("lag")
+    return DbMember(name, m.get("role"), m.get("state") or "unknown",
+                    lag if isinstance(lag, int) else (0 if m.get("role") == "leader" else None),
+                    m.get("timeline"), bool(m.get("pending_restart")))
+
+
+def probe(facts: ClusterFacts) -> DatabaseStatus:
+    """Layer status: one running leader, every other member streaming, a synchronous standby."""
     view = cluster_view(facts) or {"members": []}
     by_name = {m.get("name"): m for m in view.get("members", [])}
-    members = []
-    for name in facts.node_names:
-        m = by_name.get(name)
-        if m is None:
-            members.append({"node": name, "role": None, "state": "unreachable", "lag_bytes": None, "timeline": None,
-                            "pending_restart": False})
-            continue
-        lag = m.get("lag")
-        members.append(
-            {
-                "node": name,
-                "role": m.get("role"),
-                "state": m.get("state"),
-                "lag_bytes": lag if isinstance(lag, int) else (0 if m.get("role") == "leader" else None),
-                "timeline": m.get("timeline"),
-                "pending_restart": bool(m.get("pending_restart")),
-            }
-        )
-    leaders = [m for m in members if m["role"] == "leader" and m["state"] == "running"]
-    replicas = [m for m in members if m["role"] in ("replica", "sync_standby")]
+    members = [_member(name, by_name.get(name)) for name in facts.node_names]
+    leaders = [m for m in members if m.role == "leader" and m.state == "running"]
     problems = []
     if len(leaders) != 1:
         problems.append("no running leader" if not leaders else "more than one leader")
-    not_streaming = [m["node"] for m in members if m not in leaders and not (m in replicas and m["state"] == "streaming")]
+    not_streaming = [m.node for m in members
+                     if m not in leaders and not (m.role in ("replica", "sync_standby") and m.state == "streaming")]
     if not_streaming:
         problems.append(f"not streaming: {', '.join(not_streaming)}")
-    if facts.spec.database.synchronous_mode and not any(m["role"] == "sync_standby" for m in members):
+    if facts.spec.database.synchronous_mode and not any(m.role == "sync_standby" for m in members):
         problems.append("no synchronous standby")
-    return {
-        "healthy": not problems,
-        "leader": leaders[0]["node"] if len(leaders) == 1 else None,
-        "members": members,
-        "problems": problems,
-    }
+    return DatabaseStatus(healthy=not problems, problems=tuple(problems),
+                          leader=leaders[0].node if len(leaders) == 1 else None, members=tuple(members))
 
 
 # --- planned switchover -------------------------------------------------------------------------
@@ -298,11 +303,11 @@ def switchover_plan(facts: ClusterFacts, to: str | None) -> tuple[str, str]:
     from haflow.errors import UserError
 
     state = probe(facts)
-    leader = state["leader"]
+    leader = state.leader
     if leader is None:
         raise UserError("no running primary to switch over from; run `haflow status` and `haflow up` first")
-    members = {m["node"]: m for m in state["members"]}
-    sync = [n for n, m in members.items() if m["role"] == "sync_standby" and m["state"] == "streaming"]
+    members = {m.node: m for m in state.members}
+    sync = [n for n, m in members.items() if m.role == "sync_standby" and m.state == "streaming"]
     if facts.spec.database.synchronous_mode and not sync:
         raise UserError("refusing: no healthy synchronous standby, a switchover could lose acknowledged writes; "
                         "wait for `haflow status` to show one")
@@ -310,17 +315,17 @@ def switchover_plan(facts: ClusterFacts, to: str | None) -> tuple[str, str]:
         facts.node(to)  # unknown node -> UserError naming the known ones
         if to == leader:
             raise UserError(f"{to} is already the primary")
-    candidate = to or (sync[0] if sync else next((n for n, m in members.items() if m["state"] == "streaming"), None))
+    candidate = to or (sync[0] if sync else next((n for n, m in members.items() if m.state == "streaming"), None))
     if candidate is None:
         raise UserError("refusing: no streaming replica to switch over to")
     m = members[candidate]
-    if m["state"] != "streaming":
-        raise UserError(f"refusing: {candidate} is {m['state']}, not a streaming replica")
+    if m.state != "streaming":
+        raise UserError(f"refusing: {candidate} is {m.state}, not a streaming replica")
     if facts.spec.database.synchronous_mode and candidate not in sync:
         raise UserError(f"refusing: {candidate} is not the synchronous standby ({', '.join(sync)}); in synchronous "
                         "mode only it has every acknowledged write: use --to " + sync[0])
-    if (m["lag_bytes"] or 0) > MAX_SWITCHOVER_LAG_BYTES:
-        raise UserError(f"refusing: {candidate} lags {m['lag_bytes']} bytes behind (limit {MAX_SWITCHOVER_LAG_BYTES}); retry when it caught up")
+    if (m.lag_bytes or 0) > MAX_SWITCHOVER_LAG_BYTES:
+        raise UserError(f"refusing: {candidate} lags {m.lag_bytes} bytes behind (limit {MAX_SWITCHOVER_LAG_BYTES}); retry when it caught up")
     return leader, candidate
 
 
@@ -335,9 +340,9 @@ def restart_postgres(facts: ClusterFacts, secrets: Secrets, node: str) -> None:
                           "data is kept, re-run `haflow up`")
 
 
-def pending_restart(layer: dict[str, Any]) -> list[str]:
+def pending_restart(layer: DatabaseStatus) -> list[str]:
     """Members of a `probe` result whose PostgreSQL awaits a restart for a changed parameter."""
-    return [m["node"] for m in layer["members"] if m["pending_restart"]]
+    return [m.node for m in layer.members if m.pending_restart]
 
 
 def request_switchover(facts: ClusterFacts, secrets: Secrets, leader: str, candidate: str) -> None:

@@ -13,12 +13,13 @@ import base64
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from haflow.components.base import DesiredState, Directory, File, Needs, Package, Service
+from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Package, Service
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -168,12 +169,51 @@ def _api(node: NodeFacts, secrets: Secrets, path: str, timeout: float = 3.0) -> 
 
 def queue_leader(facts: ClusterFacts, secrets: Secrets, name: str) -> str | None:
     """The node whose RabbitMQ leads the quorum queue `name`, None if none answers."""
-    return next((q["leader"] for q in probe(facts, secrets)["quorum_queues"] if q["name"] == name), None)
+    return next((q.leader for q in probe(facts, secrets).quorum_queues if q.name == name), None)
 
 
-def probe(facts: ClusterFacts, secrets: Secrets) -> dict[str, Any]:
-    """Layer status: members with `node`, `running`, `alarms`, `partitions`; quorum queues with
-    their leader and member count."""
+@dataclass(frozen=True)
+class BrokerMember:
+    node: str
+    running: bool
+    alarms: tuple[str, ...]
+    partitions: tuple[str, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return self.running and not self.alarms and not self.partitions
+
+
+@dataclass(frozen=True)
+class QuorumQueue:
+    name: str
+    leader: str | None
+    members: int
+    online: int
+    messages: int
+    consumers: int
+
+
+@dataclass(frozen=True)
+class BrokerStatus(LayerStatus):
+    members: tuple[BrokerMember, ...]
+    quorum_queues: tuple[QuorumQueue, ...]
+    classic_queues: tuple[str, ...]
+    endpoints: dict[str, list[str]]
+
+    @classmethod
+    def unknown(cls, facts: ClusterFacts, reason: str) -> "BrokerStatus":
+        return cls(healthy=False, problems=(reason,), members=tuple(BrokerMember(n, False, (), ()) for n in facts.node_names),
+                   quorum_queues=(), classic_queues=(), endpoints=_endpoints(facts))
+
+
+def _endpoints(facts: ClusterFacts) -> dict[str, list[str]]:
+    return {"amqp": facts.amqp_endpoints, "management": [n.rabbitmq_management_url for n in facts.nodes]}
+
+
+def probe(facts: ClusterFacts, secrets: Secrets) -> BrokerStatus:
+    """Layer status: every node running in one cluster, no alarm, no partition; the quorum
+    queues with their leader and member count."""
     by_name: dict[str, dict[str, Any]] = {}
     queues: list[dict[str, Any]] | None = None
     for node in facts.nodes:
@@ -188,30 +228,19 @@ def probe(facts: ClusterFacts, secrets: Secrets) -> dict[str, Any]:
     for node in facts.nodes:
         info = by_name.get(facts.rabbit_node_name(node.name), {})
         alarms = [a for a in ("mem_alarm", "disk_free_alarm") if info.get(a)]
-        m = {"node": node.name, "running": bool(info.get("running")), "alarms": alarms, "partitions": info.get("partitions", [])}
+        m = BrokerMember(node.name, bool(info.get("running")), tuple(alarms), tuple(info.get("partitions", [])))
         members.append(m)
-        if not m["running"]:
+        if not m.running:
             problems.append(f"{node.name}: RabbitMQ not running in the cluster")
-        if alarms or m["partitions"]:
-            problems.append(f"{node.name}: alarms {alarms} partitions {m['partitions']}")
+        if alarms or m.partitions:
+            problems.append(f"{node.name}: alarms {alarms} partitions {list(m.partitions)}")
     q_out = []
     for q in queues or []:
         if q.get("type") != "quorum":
             continue
         leader = q.get("leader") or q.get("node")
-        q_out.append({
-            "name": q.get("name"),
-            "leader": facts.node_of_rabbit(leader),
-            "members": len(q.get("members") or []),
-            "online": len(q.get("online") or []),
-            "messages": q.get("messages", 0),
-            "consumers": q.get("consumers", 0),
-        })
-    return {
-        "healthy": not problems,
-        "members": members,
-        "quorum_queues": q_out,
-        "classic_queues": sorted(q.get("name") for q in queues or [] if q.get("type") == "classic"),
-        "endpoints": {"amqp": facts.amqp_endpoints, "management": [n.rabbitmq_management_url for n in facts.nodes]},
-        "problems": problems,
-    }
+        q_out.append(QuorumQueue(q.get("name"), facts.node_of_rabbit(leader), len(q.get("members") or []),
+                                 len(q.get("online") or []), q.get("messages", 0), q.get("consumers", 0)))
+    return BrokerStatus(healthy=not problems, problems=tuple(problems), members=tuple(members), quorum_queues=tuple(q_out),
+                        classic_queues=tuple(sorted(q.get("name") for q in queues or [] if q.get("type") == "classic")),
+                        endpoints=_endpoints(facts))

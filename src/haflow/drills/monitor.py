@@ -43,7 +43,7 @@ class Monitor(threading.Thread):
         self.interval_s = interval_s
         facts = cluster.facts
         self.watches: dict[str, Callable[[], str | None]] = {
-            "database primary": lambda: patroni.probe(facts)["leader"],
+            "database primary": lambda: patroni.probe(facts).leader,
             "etcd leader": lambda: etcd.leader_name(facts, timeout=1.0),
             "balancers route writes to": lambda: _routes(cluster),
         }

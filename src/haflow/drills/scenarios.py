@@ -43,7 +43,7 @@ class Scenario:
 
 
 def _primary(cluster: Cluster) -> str:
-    leader = patroni.probe(cluster.facts)["leader"]
+    leader = patroni.probe(cluster.facts).leader
     if leader is None:
         raise ClusterUnhealthy("no database primary to strike; run `haflow status`")
     return leader
@@ -115,7 +115,7 @@ def took_effect(cluster: Cluster, fault: Fault) -> tuple[bool, str]:
             return False, f"{fault.node} still runs after the crash ({', '.join(left) or 'its init is up'})"
         return True, ""
     if fault.switched_to is not None:
-        leader = patroni.probe(cluster.facts)["leader"]
+        leader = patroni.probe(cluster.facts).leader
         return (leader == fault.switched_to,
                 f"the primary is {leader or 'none'}, not {fault.switched_to}, after the switchover")
     if fault.service is not None:
