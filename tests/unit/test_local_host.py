@@ -32,6 +32,29 @@ def test_apply_reports_changes_once(tmp_path, host):
     assert host.apply("n1", desired) == [f.path]
 
 
+def test_plan_tells_what_apply_would_change_and_changes_nothing(tmp_path, host):
+    f = File(tmp_path / "state/nodes/n1/x.conf", "a = 1\n", 0o640)
+    d = Directory(tmp_path / "state/nodes/n1/d", 0o700)
+    desired = DesiredState(dirs=[d], files=[f])
+    planned = {(c.path, c.what) for c in host.plan("n1", desired)}
+    assert (f.path, "create") in planned and (d.path, "create") in planned
+    assert not f.path.exists() and not d.path.exists()  # a dry run
+    host.apply("n1", desired)
+    assert host.plan("n1", desired) == []
+    f.path.write_text("a = 2\n")
+    f.path.chmod(0o640)
+    assert [(c.path, c.what) for c in host.plan("n1", desired)] == [(f.path, "update")]
+    f.path.write_text("a = 1\n")
+    f.path.chmod(0o600)
+    assert [(c.path, c.what) for c in host.plan("n1", desired)] == [(f.path, "mode")]
+
+
+def test_local_host_implements_the_host_contract(host):
+    from haflow.hosts.base import Host, Machine
+    assert isinstance(host, Host)
+    assert host.machines() == [Machine("local", ())]
+
+
 def test_supervisor_config_escapes_percent_signs(tmp_path, host):
     from haflow.components.base import Service
     desired = DesiredState(services=[Service("svc", ("/bin/echo", "100%"), env={"A": "5%"})])

@@ -285,7 +285,7 @@ def ensure_auth(facts: ClusterFacts, secrets: Secrets) -> list[str]:
         _grant(facts, root.username, root.password, ROOT_ROLE, None)
     for name, (role, key, end) in service_roles(facts).items():
         account = secrets[name]
-        if enabled and any(_authenticate(m.etcd_client_url, account, 3.0)[0] for m in facts.etcd_members[:1]):
+        if enabled and _authenticate(facts.etcd_members[0].etcd_client_url, account, 3.0)[0]:  # it logs in already
             continue
         _grant(facts, account.username, account.password, role, (key, end))
         done.append(f"etcd user {account.username}: read-write on {key.decode()}{'*' if end else ''} only")
