@@ -362,3 +362,19 @@ def test_layer_snapshots_are_frozen_and_keep_the_status_schema(tmp_path):
         with pytest.raises(dataclasses.FrozenInstanceError):
             layer.healthy = True  # type: ignore[misc]
     assert layers["balancer"].unhealthy_nodes() == facts.node_names
+
+
+def test_orchestration_status_and_drills_import_no_host_implementation():
+    """cluster.py, status.py and drills/ reach hosts only through the contract (hosts/base.py,
+    hosts.for_spec): importing the local host or its process references would let a PID leak in."""
+    import ast
+
+    src = Path(cluster_mod.__file__).parent
+    forbidden = {"haflow.hosts.local", "haflow.hosts.procs", "haflow.hosts.local_provision", "haflow.procs", "psutil",
+                 "supervisor"}
+    for path in [src / "cluster.py", src / "status.py", src / "dags.py", *sorted((src / "drills").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        bad = {m for m in imported if any(m == f or m.startswith(f + ".") for f in forbidden)}
+        assert not bad, f"{path.name} imports {bad}"
