@@ -45,9 +45,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+
+
+class Ssh(_Strict):
+    """How `haflow deploy` reaches a node: a user other than root means sudo."""
+
+    user: str = "root"
+    port: _bounded(1, 65535, hint="a TCP port") = 22  # type: ignore[valid-type]
+    key: str | None = None  # private key file, relative to the spec; None: the SSH agent and ~/.ssh
+    host: str | None = None  # the address to connect to, when it is not the node's address
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not USER_RE.fullmatch(v):
+            raise ValueError(f"{_short(v)} is not a valid user name; use a Unix login such as root or admin")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and not HOST_RE.fullmatch(v):
+            raise ValueError(f"{_short(v)} is not a host name or address; give the name or IP to connect to")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "\0" in v):
+            raise ValueError("give the path of the private key file")
+        return v
+
+
 class Node(_Strict):
     name: str
     address: str
+    ssh: Ssh | None = None  # every node or none: a spec is all-local (`up`) or all-SSH (`deploy`)
 
     @field_validator("name")
     @classmethod
@@ -302,6 +337,7 @@ def cross_field_problems(data: dict[str, Any]) -> list[str]:
         problems.append(f"nodes: {len(nodes)} nodes given; haflow runs at most {MAX_NODES}")
     problems += _duplicates(nodes, "name", lambda v: _valid(v, Node._name))
     problems += _duplicates(nodes, "address", lambda v: _valid(v, Node._address))
+    problems += _ssh_mix_problems(nodes)
     names = [str(n.get("name")) for n in nodes]
     problems += _etcd_member_problems(etcd, names)
     ports = _valid_ports(data.get("ports"))
@@ -312,6 +348,16 @@ def cross_field_problems(data: dict[str, Any]) -> list[str]:
     params = db.get("parameters") if isinstance(db.get("parameters"), dict) else {}
     problems += [p for name, value in params.items() for p in pg_parameter_problems(str(name), value)]
     return problems
+
+
+def _ssh_mix_problems(nodes: list[dict[str, Any]]) -> list[str]:
+    """A spec is all-local or all-SSH: one cluster cannot span this machine and remote hosts."""
+    with_ssh = [i for i, n in enumerate(nodes) if n.get("ssh") is not None]
+    if not with_ssh or len(with_ssh) == len(nodes):
+        return []
+    first_without = next(i for i in range(len(nodes)) if i not in with_ssh)
+    return [f"nodes[{first_without}].ssh: missing while {len(with_ssh)} other node(s) have one; a spec is all-local "
+            "or all-SSH: give every node `ssh` (for `haflow deploy`) or none (for `haflow up`)"]
 
 
 def _valid(value: Any, validator: Any) -> Any:

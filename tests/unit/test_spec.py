@@ -136,3 +136,38 @@ def test_task_heartbeat_timeout_must_outlast_a_failover():
     assert embedded_default().airflow.task_heartbeat_timeout_s == 60
     assert any(l.startswith("airflow.task_heartbeat_timeout_s:") and "at least 45" in l
                for l in problems(lambda d: d["airflow"].update(task_heartbeat_timeout_s=20)))
+
+
+def test_ssh_is_given_for_every_node_or_none():
+    import yaml
+    from haflow.spec import default_spec_text, parse_spec
+    data = yaml.safe_load(default_spec_text())
+    data["nodes"][0]["ssh"] = {"user": "admin"}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert e.value.details == ["nodes[1].ssh: missing while 1 other node(s) have one; a spec is all-local or all-SSH: "
+                               "give every node `ssh` (for `haflow deploy`) or none (for `haflow up`)"]
+    for n in data["nodes"]:
+        n["ssh"] = {"user": "admin", "port": 2222, "key": "keys/lab", "host": "lab1.example"}
+    spec = parse_spec(data)
+    assert spec.nodes[2].ssh.port == 2222 and spec.nodes[0].ssh.user == "admin"
+    data["nodes"][1]["ssh"] = {"user": "Bad User", "port": 0, "extra": 1}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert any(d.startswith("nodes[1].ssh.user: 'Bad User' is not a valid user name") for d in e.value.details)
+    assert any(d.startswith("nodes[1].ssh.port: 0 is out of range") for d in e.value.details)
+    assert any(d.startswith("nodes[1].ssh.extra") for d in e.value.details)
+
+
+def test_a_local_command_refuses_an_ssh_spec(tmp_path):
+    import subprocess
+    import sys
+    import yaml
+    from haflow.spec import default_spec_text
+    data = yaml.safe_load(default_spec_text())
+    for n in data["nodes"]:
+        n["ssh"] = {"user": "root"}
+    spec = tmp_path / "ssh.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    r = subprocess.run([sys.executable, "-m", "haflow.cli", "status", "-f", str(spec)], capture_output=True, text=True)
+    assert r.returncode == 2 and "reached over SSH" in r.stderr and "Traceback" not in r.stderr
