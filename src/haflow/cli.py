@@ -26,6 +26,8 @@ from haflow.components import airflow_api
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL as SCENARIO_NAMES
 from haflow.errors import HaflowError, UserError
+from haflow.lab import Lab
+from haflow.lab import image as lab_image
 from haflow.secrets import BREAKS
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.fsutil import atomic_write
@@ -415,6 +417,52 @@ def print_status(snap: dict[str, Any]) -> None:
     out.print("AMQP (via balancers):  " + "  ".join(br["endpoints"]["amqp"]))
     for line in status_mod.problems(snap):
         out.print(f"[red]problem:[/] {line}", highlight=False)
+
+
+@cli.group()
+def lab() -> None:
+    """Disposable Debian hosts (systemd-nspawn) on this machine, to try and test the SSH path. Root only."""
+
+
+@lab.command("up")
+@click.option("--nodes", type=click.Choice(["3", "5"]), default="3", show_default=True, help="How many hosts.")
+@click.option("--release", type=click.Choice(list(lab_image.RELEASES)), default=lab_image.DEFAULT_RELEASE, show_default=True,
+              help="Debian release of the hosts.")
+@click.option("--json", "as_json", is_flag=True, help="The hosts, the SSH key and the spec as JSON.")
+@handle_errors
+def lab_up(nodes: str, release: str, as_json: bool) -> None:
+    """Build (once) the base image, start the private network and boot the hosts; idempotent."""
+    result = Lab(say=Progress(not as_json)).up(int(nodes), release)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"lab up in {result['elapsed_s']}s: " + ", ".join(f"{h['name']} {h['address']}" for h in result["hosts"]))
+    out.print(f"SSH key: {result['key']}\nspec:    {result['spec']}")
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def lab_status(as_json: bool) -> None:
+    """The lab's hosts and whether each runs; exit 1 when a host is down."""
+    st = Lab().status()
+    if as_json:
+        out.print_json(json.dumps(st))
+    elif not st["up"]:
+        out.print("no lab (`haflow lab up` starts one)")
+    else:
+        for h in st["hosts"]:
+            out.print(f"{h['name']:6} {h['address']:12} {h['role']:8} {'running' if h['running'] else 'DOWN'}")
+    sys.exit(0 if st["up"] and all(h["running"] for h in st["hosts"]) else 1)
+
+
+@lab.command("down")
+@handle_errors
+def lab_down() -> None:
+    """Stop and delete the hosts, remove the bridge, routes and nft tables; verify nothing is left."""
+    result = Lab(say=Progress()).down()
+    out.print(f"lab down in {result['elapsed_s']}s ({len(result['removed_hosts'])} hosts); nothing left "
+              "(the base image stays cached)")
 
 
 def main() -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,11 +22,11 @@ from typing import Any, Callable, TypeVar
 
 from haflow import hosts
 from haflow.components import REGISTRY, airflow, airflow_api, etcd, haproxy, patroni, postgres, rabbitmq
-from haflow.components.base import DesiredState, LayerStatus, Needs, Service
+from haflow.applied import AppliedConfigs
+from haflow.components.base import DesiredState, LayerStatus, Needs
 from haflow.dags import Dags
 from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
-from haflow.fsutil import atomic_write
 from haflow.hosts.base import Host, Target
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.secrets import Secrets
@@ -43,7 +41,6 @@ BROKER_TIMEOUT_S = 120
 DATABASE_TIMEOUT_S = 180
 BALANCER_TIMEOUT_S = 30
 AIRFLOW_TIMEOUT_S = 180
-APPLIED_FILE = "applied-config.json"
 EXAMPLE_DAG = "haflow_example"
 EXAMPLE_TIMEOUT_S = 300
 ROLLING_GATE_TIMEOUT_S = 180  # a restarted member must be back in its layer within this
@@ -68,10 +65,8 @@ class Cluster:
         self.say = say
         self.regenerate_secrets = regenerate_secrets
         self._secrets: Secrets | None = None
-        self._services: dict[str, dict[str, Service]] = {}
-        self._config_digests: dict[str, dict[str, str]] = {}  # per node: service -> digest of its restart files
+        self.applied = AppliedConfigs(state_dir, self.host)
         self._stale: dict[str, set[str]] = {}  # per node: running services whose definition changed
-        self._applied_cache: dict[str, dict[str, str]] = {}  # per node: APPLIED_FILE's content
 
     @property
     def secrets(self) -> Secrets:
@@ -154,16 +149,11 @@ class Cluster:
 
     def _apply_all(self, changed: list[str]) -> dict[str, list[Path]]:
         file_changes: dict[str, list[Path]] = {}
-        self._services = {}
         for node in self.facts.node_names:
             desired = self.desired(node)
-            self._services[node] = {s.name: s for s in desired.services}
-            contents = {f.path: f.content for f in desired.files}
-            self._config_digests[node] = {s.name: _digest([contents.get(p, "") for p in s.restart_files])
-                                          for s in desired.services}
+            self.applied.expect(node, desired)
             file_changes[node] = self.host.apply(node, desired)
             changed += [str(p) for p in file_changes[node]]
-            self._applied_cache[node] = self._read_applied(node)
         for machine in self.host.machines():  # one epmd per machine, for every node on it
             changed += [str(p) for p in self.host.apply(machine, rabbitmq.render_machine(
                 self.facts, self.host.machine_layout(machine), machine.nodes))]
@@ -342,55 +332,22 @@ class Cluster:
         for node in nodes:
             if self.host.start(node, service):
                 done.append(f"{node}: started {service}")
-                self._record_applied(node, service)
-            elif self._config_stale(node, service, file_changes) or service in self._stale.get(node, ()):
+                self.applied.took(node, service)
+            elif self.applied.stale(node, service, file_changes.get(node, [])) or service in self._stale.get(node, ()):
                 stale.append(node)
         for node in sorted(stale, key=lambda n: n == last):
             if reload and service not in self._stale.get(node, ()):
                 self.host.reload(node, service)
                 done.append(f"{node}: reloaded {service}")
-                self._record_applied(node, service)
+                self.applied.took(node, service)
                 continue
             self.say(f"{node}: restarting {service} (its configuration changed)")
             self.host.restart(node, service)
-            self._record_applied(node, service)
+            self.applied.took(node, service)
             done.append(f"{node}: restarted {service}")
             if gate:
                 self._wait(f"{gate[0]} after restarting {service} on {node}", ROLLING_GATE_TIMEOUT_S, gate[1])
         return done
-
-    # What configuration each running service took, kept across runs: an `up` that failed after
-    # writing a new config but before restarting the service must still restart it next time.
-    def _applied_file(self, node: str) -> Path:
-        return self.host.layout(node).root / APPLIED_FILE
-
-    def _read_applied(self, node: str) -> dict[str, str]:
-        try:
-            data = json.loads(self._applied_file(node).read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _applied(self, node: str) -> dict[str, str]:
-        if node not in self._applied_cache:
-            self._applied_cache[node] = self._read_applied(node)
-        return self._applied_cache[node]
-
-    def _record_applied(self, node: str, service: str) -> None:
-        applied = self._applied(node)
-        applied[service] = self._config_digests[node][service]
-        atomic_write(self._applied_file(node), json.dumps(applied, indent=1, sort_keys=True), 0o600)
-
-    def _config_stale(self, node: str, service: str, file_changes: dict[str, list[Path]]) -> bool:
-        """The running service took another configuration than the one on disk now. Without a
-        record (a cluster started by an older haflow): a restart file changed in this run or
-        after the service started."""
-        took = self._applied(node).get(service)
-        if took is not None:
-            return took != self._config_digests[node][service]
-        spec = self._services[node][service]
-        return (any(p in spec.restart_files for p in file_changes.get(node, []))
-                or self.host.changed_since_start(node, service, spec.restart_files))
 
     def _wait(self, what: str, timeout: float, probe: Callable[[], L]) -> L:
         self.say(f"waiting for {what}")
@@ -493,13 +450,6 @@ class Cluster:
         """Every process of the cluster dies at once, the machines' own services (epmd) included:
         a teardown's last resort after `down`. Returns how many processes died."""
         return sum(self.host.kill_node(t) for t in [*self.facts.node_names, *self.host.machines()])
-
-
-def _digest(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode() + b"\0")
-    return h.hexdigest()[:16]
 
 
 def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:

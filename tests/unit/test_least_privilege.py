@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from haflow.cluster import APPLIED_FILE, Cluster
+from haflow.applied import APPLIED_FILE
+from haflow.cluster import Cluster
 from haflow.components import airflow, etcd, postgres
 from haflow.hosts.local import LocalHost
 from haflow.spec import default_spec_text, parse_spec
@@ -177,14 +178,15 @@ def test_a_config_written_by_a_failed_run_still_restarts_its_service_next_time(t
     """`up` wrote a new patroni.yml, then failed before reloading Patroni: the next `up` sees no
     file change, but the record of what Patroni took says it is stale."""
     c = cluster(tmp_path)
-    c._services = {"node1": services(c)}
-    c._config_digests = {"node1": {"patroni": "new-digest"}}
-    c.host.layout("node1").root.mkdir(parents=True)
-    (c.host.layout("node1").root / APPLIED_FILE).write_text(json.dumps({"patroni": "old-digest"}))
-    assert c._config_stale("node1", "patroni", {}) is True
-    c._record_applied("node1", "patroni")
-    assert c._config_stale("node1", "patroni", {}) is False
-    assert (c.host.layout("node1").root / APPLIED_FILE).stat().st_mode & 0o777 == 0o600
+    c.applied.expect("node1", c.desired("node1"))
+    record = tmp_path / "state/nodes/node1" / APPLIED_FILE
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"patroni": "old-digest"}))
+    assert c.applied.stale("node1", "patroni", []) is True
+    c.applied.took("node1", "patroni")
+    assert c.applied.stale("node1", "patroni", []) is False
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert json.loads(record.read_text())["patroni"] != "old-digest"
 
 
 def test_task_logs_written_by_an_older_cluster_open_to_the_workers_group(tmp_path):
