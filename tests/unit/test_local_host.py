@@ -122,3 +122,23 @@ def test_preflight_refuses_an_address_this_machine_lacks(tmp_path):
     host = LocalHost(tmp_path / "state", "t")
     (problem,) = host.preflight("node1", {("192.0.2.10", 2379): "ports.etcd_client"})
     assert "192.0.2.10 is not on this machine" in problem
+
+
+def test_a_killed_service_not_yet_reaped_is_not_its_running_instance(tmp_path, host, monkeypatch):
+    """A SIGKILLed process stays a zombie until its parent (supervisord) reaps it: its PID and
+    start time still match, but it is no running instance (the drills' fault check relied on it)."""
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        info = {"pid": child.pid, "start": time.time(), "statename": "RUNNING"}
+        monkeypatch.setattr(host, "service_info", lambda node, service: info)
+        assert host.instance("n1", "svc") is not None
+        child.send_signal(signal.SIGKILL)
+        time.sleep(0.3)  # dead, and not reaped: we are its parent and have not waited
+        assert host.instance("n1", "svc") is None
+    finally:
+        child.kill()
+        child.wait()

@@ -472,7 +472,8 @@ class LocalHost:
         # supervisord's start is the spawn time in whole seconds; trust the live process's own
         # start time once it matches within that slack.
         live = ProcRef.of(info["pid"], ref.label)
-        return live if live and abs(live.create_time - ref.create_time) <= 2 else None
+        # alive(): a killed service that supervisord has not reaped yet is a zombie, not running
+        return live if live and abs(live.create_time - ref.create_time) <= 2 and live.alive() else None
 
     def changed_since_start(self, target: Target, service: str, paths: tuple[Path, ...]) -> bool:
         """Whether one of `paths` was written after the running service started."""
