@@ -121,7 +121,7 @@ def run_under_fault(env, fault) -> dict:
 
 def assert_no_task_lost(env, result):
     assert result["state"] == "success", result
-    client = env["cluster"].api_client()
+    client = airflow_api.connect(env["cluster"].facts, env["cluster"].secrets)
     tis = client.task_instances("haflow_fanout", result["run_id"])
     assert len(tis) == 21 and all(ti["state"] == "success" for ti in tis), [(ti["task_id"], ti.get("map_index"), ti["state"]) for ti in tis]
 
