@@ -76,9 +76,8 @@ def main() -> None:
     cluster = make_cluster(root / ".haflow")
     results: dict = {"runs": {n: [] for n in names}}
     earlier = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
-    if earlier:  # earlier repetitions (on their own fresh cluster) count too
-        for n in names:
-            results["runs"][n] = earlier["runs"].get(n, [])
+    if earlier:  # earlier repetitions (on their own fresh cluster) count too; other scenarios stay
+        results["runs"] = {**earlier["runs"], **{n: earlier["runs"].get(n, []) for n in names}}
     try:
         cluster.ensure_prerequisites()
         cluster.up(smoke=True)
@@ -96,7 +95,7 @@ def main() -> None:
         cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
     results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
-    reps = min(len(runs) for runs in results["runs"].values())
+    reps = min(len(runs) for runs in results["runs"].values())  # the scenario repeated least
     results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": reps,
                        "sessions": (earlier["meta"].get("sessions", 1) + 1) if earlier else 1,
                        "loop_wait": cluster.spec.database.loop_wait, "ttl": cluster.spec.database.ttl}
