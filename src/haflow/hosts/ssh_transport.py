@@ -1,0 +1,107 @@
+"""How haflow reaches real hosts: one asyncssh connection per host, all hosts in parallel.
+
+The few primitives the SSH host builds on: run a command as root (through `sudo -n` when the
+login user is not root), and put a file only when its content, mode or owner differ (checked on
+the host, written to a temporary file and renamed: a reader never sees half a file). Host keys
+are always checked (known_hosts); `check` runs before every connection (the lab refuses an
+address its bridge does not route).
+
+Measured on the lab (notes/field-notes-lab.md §5): a no-op round over 3 hosts takes 0.15 s this
+way, against 2.8-3.2 s with pyinfra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncssh
+
+CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    name: str  # the node
+    host: str  # where to connect
+    user: str = "root"
+    port: int = 22
+    key: str | None = None  # private key file; None: the agent and ~/.ssh
+    known_hosts: str | None = None  # None: ~/.ssh/known_hosts
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+class SshPool:
+    def __init__(self, targets: list[SshTarget], check: Callable[[str], None] | None = None) -> None:
+        self.targets = {t.name: t for t in targets}
+        self.check = check
+        self._conns: dict[str, asyncssh.SSHClientConnection] = {}
+
+    async def connect_all(self) -> dict[str, str]:
+        """Open every connection at once; returns the hosts that failed with why (empty: all up)."""
+        names = list(self.targets)
+        results = await asyncio.gather(*(self._connect(n) for n in names), return_exceptions=True)
+        return {n: f"{type(r).__name__}: {r}" for n, r in zip(names, results) if isinstance(r, BaseException)}
+
+    async def _connect(self, name: str) -> asyncssh.SSHClientConnection:
+        if name in self._conns:
+            return self._conns[name]
+        t = self.targets[name]
+        if self.check:
+            self.check(t.host)
+        options = {"username": t.user, "port": t.port, "connect_timeout": CONNECT_TIMEOUT_S}
+        if t.key:
+            options["client_keys"] = [t.key]
+        if t.known_hosts:
+            options["known_hosts"] = t.known_hosts
+        self._conns[name] = await asyncssh.connect(t.host, **options)
+        return self._conns[name]
+
+    def _as_root(self, name: str, command: str) -> str:
+        return command if self.targets[name].user == "root" else f"sudo -n sh -c {shlex.quote(command)}"
+
+    async def run(self, name: str, command: str, stdin: str | bytes | None = None, timeout: float = 600) -> Result:
+        """A shell command on the host, as root; never raises for a non-zero exit."""
+        conn = await self._connect(name)
+        r = await asyncio.wait_for(conn.run(self._as_root(name, command), input=stdin, check=False,
+                                            encoding=None if isinstance(stdin, bytes) else "utf-8"), timeout)
+        out, err = r.stdout or "", r.stderr or ""
+        if isinstance(out, bytes):
+            out, err = out.decode(errors="replace"), (err or b"").decode(errors="replace")
+        return Result(r.exit_status if r.exit_status is not None else 255, out, err)
+
+    async def put(self, name: str, path: str, content: bytes, mode: int = 0o644, owner: str = "root",
+                  group: str | None = None) -> bool:
+        """Make the file so; True if anything changed (content, mode or owner)."""
+        group = group or owner
+        want = f"{hashlib.sha256(content).hexdigest()} {mode:o} {owner} {group}"
+        q = shlex.quote(path)
+        have = await self.run(name, f"[ -f {q} ] && printf '%s %s\\n' \"$(sha256sum < {q} | cut -d' ' -f1)\" "
+                                    f"\"$(stat -c '%a %U %G' {q})\" || true")
+        if have.stdout.strip() == want:
+            return False
+        tmp = shlex.quote(f"{path}.haflow-tmp")
+        r = await self.run(name, f"set -e; mkdir -p $(dirname {q}); umask 077; cat > {tmp}; chown {owner}:{group} {tmp}; "
+                                 f"chmod {mode:o} {tmp}; mv -f {tmp} {q}", stdin=content)
+        if not r.ok:
+            raise OSError(f"{name}: could not write {path}: {r.stderr.strip()[-300:]}")
+        return True
+
+    async def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        await asyncio.gather(*(c.wait_closed() for c in self._conns.values()), return_exceptions=True)
+        self._conns.clear()
