@@ -255,6 +255,10 @@ class LocalHost:
         except (OSError, ValueError):
             return {}
 
+    def _forks(self, name: str) -> dict[str, dict[str, str]]:
+        """Per service, the daemon it forks (Service.forks, as recorded at `apply`)."""
+        return {service: rec["forks"] for service, rec in self._services(name).items() if (rec or {}).get("forks")}
+
     def _supervisor_conf(self, node: str, layout: NodeLayout, services: list[Service]) -> str:
         me = getpass.getuser()
         programs = [
@@ -433,16 +437,7 @@ class LocalHost:
             except xmlrpc.client.Fault as e:
                 if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
                     raise HaflowError(f"{node}: could not stop {service}: {e.faultString}") from None
-        self._stop_forked(node, service)
-
-    def _stop_forked(self, node: str, service: str, timeout: float = 30.0) -> None:
-        forked = self._forked(node, service)
-        if forked is None:
-            return
-        forked.send(getattr(signal, f"SIG{self._services(node)[service]['forks']['stop_signal']}"))
-        if wait_gone([forked], timeout):
-            forked.kill_group(signal.SIGKILL)
-            wait_gone([forked], 5)
+        _stop_forked(node, service, self._forks(node).get(service))
 
     def reload(self, target: Target, service: str) -> bool:
         """Send the service its reload signal; False when it has none or is not running."""
@@ -529,26 +524,6 @@ class LocalHost:
         return True
 
     # --- processes and faults ------------------------------------------------------------------
-    def _forked(self, node: str, service: str) -> ProcRef | None:
-        """The live daemon a service forked (Service.forks), found by its pid file and checked to
-        be the one serving this node (its command line carries the recorded marker)."""
-        forks = (self._services(node).get(service) or {}).get("forks")
-        if not forks:
-            return None
-        try:
-            pid = int(Path(forks["pidfile"]).read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        ref = ProcRef.of(pid, f"{node}/{service} forked")
-        if ref is None or (p := ref.process()) is None:
-            return None
-        try:
-            if forks["marker"] not in " ".join(p.cmdline()):
-                return None
-        except psutil.Error:
-            return None
-        return ref
-
     def processes(self, node: str) -> list[ProcRef]:
         """Every live process of the node: supervisord, its services and their children, and
         what its services forked."""
@@ -558,8 +533,8 @@ class LocalHost:
         if agent:
             refs.append(agent)
             refs += agent.descendants()
-        for service in self._services(node):
-            forked = self._forked(node, service)
+        for service, forks in self._forks(node).items():
+            forked = _forked(node, service, forks)
             if forked:
                 refs += [forked, *forked.descendants()]
         seen: set[int] = set()
@@ -573,7 +548,8 @@ class LocalHost:
         if ref is None:
             raise HaflowError(f"{node}: {service} is not running")
         killed = self.instance(node, service)
-        forked = self._forked(node, service)
+        forks = self._forks(node).get(service)
+        forked = _forked(node, service, forks) if forks else None
         _kill_tree(ref, *([forked] if forked else []))
         return [killed] if killed else []
 
@@ -598,8 +574,8 @@ class LocalHost:
         node = _key(target)
         self._stopped[node] = self.processes(node)
         self.stop_agent(node)
-        for service in self._services(node):
-            self._stop_forked(node, service)
+        for service, forks in self._forks(node).items():
+            _stop_forked(node, service, forks)
 
     def leftovers(self, target: Target, timeout: float = 10.0) -> list[str]:
         """Processes of the target still alive (after `stop_node`: waited for up to `timeout`)."""
@@ -626,6 +602,35 @@ def _kill_tree(*roots: ProcRef) -> list[ProcRef]:
         r.send(signal.SIGKILL)
     wait_gone(refs, 10)
     return refs
+
+
+def _forked(node: str, service: str, forks: dict[str, str]) -> ProcRef | None:
+    """The live daemon a service forked (Service.forks), found by its pid file and checked to
+    be the one serving this node (its command line carries the recorded marker)."""
+    try:
+        pid = int(Path(forks["pidfile"]).read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    ref = ProcRef.of(pid, f"{node}/{service} forked")
+    if ref is None or (p := ref.process()) is None:
+        return None
+    try:
+        if forks["marker"] not in " ".join(p.cmdline()):
+            return None
+    except psutil.Error:
+        return None
+    return ref
+
+
+def _stop_forked(node: str, service: str, forks: dict[str, str] | None, timeout: float = 30.0) -> None:
+    """What the service forked, if it outlived the service: its stop signal, then SIGKILL."""
+    forked = _forked(node, service, forks) if forks else None
+    if forked is None:
+        return
+    forked.send(getattr(signal, f"SIG{forks['stop_signal']}"))
+    if wait_gone([forked], timeout):
+        forked.kill_group(signal.SIGKILL)
+        wait_gone([forked], 5)
 
 
 def _key(target: Target) -> str:
@@ -714,19 +719,10 @@ def _ensure_dir(d: Directory) -> bool:
 
 
 def _ensure_file(f: File) -> bool:
-    """Write the file if its content, mode or owner differ; True if anything changed."""
+    """Write the file if its content, mode or owner differ (`_file_change`); True if it did."""
+    if _file_change(f) is None:
+        return False
     ids = _ids(f.owner)
-    try:
-        st = f.path.stat()
-        same = (
-            f.path.read_text() == f.content
-            and stat.S_IMODE(st.st_mode) == f.mode
-            and (ids is None or (st.st_uid, st.st_gid) == ids)
-        )
-        if same:
-            return False
-    except FileNotFoundError:
-        pass
     f.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.path.with_name(f".{f.path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, f.mode)
