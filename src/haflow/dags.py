@@ -76,12 +76,12 @@ class Dags:
     def push(self) -> list[str]:
         """Copy the bundle to every node; returns what changed (nothing when every node has it)."""
         bundle = self.bundle()
-        checksum = tree_checksum(bundle)[:12]
+        checksum = tree_checksum(bundle)  # once, for every node
         done = []
         for node in (n.name for n in self.spec.nodes):
             dest, owner = self._dest(node)
-            if self.host.put_tree(node, bundle, dest, owner):
-                done.append(f"{node}: DAGs {checksum}")
+            if self.host.put_tree(node, bundle, checksum, dest, owner):
+                done.append(f"{node}: DAGs {checksum[:12]}")
         return done
 
     def status(self) -> dict[str, Any]:

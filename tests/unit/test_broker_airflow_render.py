@@ -133,12 +133,12 @@ def test_dag_folder_sync_is_atomic_and_idempotent(tmp_path):
     host = LocalHost(tmp_path / "state", "t")
     link = tmp_path / "node/airflow/dags"
     v1 = tree_checksum(src)[:12]
-    assert host.put_tree("node1", src, link) is True
+    assert host.put_tree("node1", src, tree_checksum(src), link) is True
     assert link.is_symlink() and (link / "a.py").read_text() == "x = 1\n"
     assert host.tree_checksum("node1", link) == tree_checksum(src)
-    assert host.put_tree("node1", src, link) is False
+    assert host.put_tree("node1", src, tree_checksum(src), link) is False
     (src / "a.py").write_text("x = 2\n")
     v2 = tree_checksum(src)[:12]
-    assert v2 != v1 and host.put_tree("node1", src, link) is True
+    assert v2 != v1 and host.put_tree("node1", src, tree_checksum(src), link) is True
     assert (link / "a.py").read_text() == "x = 2\n"
     assert sorted(p.name for p in link.parent.iterdir()) == ["dags", f"dags.{v2}"]  # old copy removed

@@ -119,10 +119,11 @@ class RecordingHost:
         self.calls.append(("run", node, *argv[-2:]))
         return 0, "ok"
 
-    def put_tree(self, node: str, source: Path, dest: Path, owner: str | None = None) -> bool:
+    def put_tree(self, node: str, source: Path, checksum: str, dest: Path, owner: str | None = None) -> bool:
         self.calls.append(("put_tree", node))
+        assert checksum == tree_checksum(source)
         had = self.trees.get((node, dest))
-        self.trees[(node, dest)] = tree_checksum(source)
+        self.trees[(node, dest)] = checksum
         return had != self.trees[(node, dest)]
 
     def tree_checksum(self, node: str, dest: Path) -> str | None:

@@ -179,7 +179,7 @@ def test_dag_folder_symlinks_are_copied_as_links(tmp_path):
     (dags / "passwd").symlink_to("/etc/passwd")
     host = LocalHost(tmp_path / "state", "prod")
     link = tmp_path / "node" / "dags"
-    assert host.put_tree("node1", dags, link)
+    assert host.put_tree("node1", dags, folder_checksum(dags), link)
     assert (link / "etc").is_symlink() and os.readlink(link / "etc") == "/etc"
     assert (link / "passwd").is_symlink()
     assert folder_checksum(link) == folder_checksum(dags)

@@ -490,12 +490,13 @@ class LocalHost:
             return 124, f"timed out after {timeout:.0f}s"
         return r.returncode, (r.stdout + r.stderr)
 
-    def put_tree(self, node: str, source: Path, dest: Path, owner: str | None = None) -> bool:
-        """Make `dest` an exact copy of `source` owned by `owner`, switched atomically: `dest` is
-        a link to a folder named after the tree's checksum (a reader sees the old tree or the
-        new one, never a half-copied one). True if anything changed."""
+    def put_tree(self, node: str, source: Path, checksum: str, dest: Path, owner: str | None = None) -> bool:
+        """Make `dest` an exact copy of `source` (whose `fsutil.tree_checksum` the caller
+        computed once for every node) owned by `owner`, switched atomically: `dest` is a link to
+        a folder named after the checksum (a reader sees the old tree or the new one, never a
+        half-copied one). True if anything changed."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return self.sync_folder(node, source, dest, tree_checksum(source)[:12], owner)
+        return self.sync_folder(node, source, dest, checksum[:12], owner)
 
     def tree_checksum(self, node: str, dest: Path) -> str | None:
         return tree_checksum(dest) if dest.is_dir() else None
