@@ -45,6 +45,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+Port = _bounded(1, 65535, hint="a TCP port")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
 
@@ -53,7 +54,7 @@ class Ssh(_Strict):
     """How `haflow deploy` reaches a node: a user other than root means sudo."""
 
     user: str = "root"
-    port: _bounded(1, 65535, hint="a TCP port") = 22  # type: ignore[valid-type]
+    port: Port = 22
     key: str | None = None  # private key file, relative to the spec; None: the SSH agent and ~/.ssh
     host: str | None = None  # the address to connect to, when it is not the node's address
 
@@ -105,9 +106,6 @@ class Node(_Strict):
         if ip.is_multicast or ip.is_reserved:  # 224/4, 240/4 and the broadcast address
             raise ValueError(f"{v} is not a unicast address; give the node's own IPv4 address")
         return str(ip)
-
-
-Port = _bounded(1, 65535, hint="a TCP port")
 
 
 class Ports(_Strict):
