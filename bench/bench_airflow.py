@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from common import save_results
+from common import resources, save_results
 from haflow.cluster import Cluster
 from haflow.components import airflow, airflow_api
 from haflow.hosts.local import MACHINE, default_venvs_dir
@@ -68,32 +68,6 @@ def cluster_procs(cluster: Cluster) -> list[psutil.Process]:
             if p:
                 out.append(p)
     return out
-
-
-def resources(procs: list[psutil.Process], window_s: float) -> dict:
-    def cpu(ps):
-        total = 0.0
-        for p in ps:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-
-    before = cpu(procs)
-    time.sleep(window_s)
-    after = cpu(procs)
-    pss = rss = 0
-    for p in procs:
-        try:
-            m = p.memory_full_info()
-            pss += m.pss
-            rss += m.rss
-        except psutil.Error:
-            pass
-    return {"processes": len(procs), "pss_mib": round(pss / 2**20), "rss_mib": round(rss / 2**20),
-            "idle_cpu_pct_of_one_core": round(100 * (after - before) / window_s, 2), "window_s": window_s}
 
 
 def throughput(client: airflow_api.ApiClient, reps: int) -> list[float]:

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import psutil
 
-from common import save_results
+from common import resources, save_results
 from haflow.lab import Lab, image
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def idle_cost(lab: Lab, window_s: float) -> dict:
-    """PSS and CPU of every process of the hosts (each host's init and what runs under it) and
-    of their nspawn, over `window_s`."""
+def host_processes(lab: Lab) -> list[psutil.Process]:
+    """Every process of the hosts (each host's init and what runs under it) and their nspawn."""
     procs = []
     for h in lab.hosts():
         for ref in h.refs():
@@ -32,25 +31,7 @@ def idle_cost(lab: Lab, window_s: float) -> dict:
             if p:
                 procs.append(p)
                 procs += p.children(recursive=True) if ref.label.endswith("init") else []
-    def cpu() -> float:
-        total = 0.0
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-    before = cpu()
-    time.sleep(window_s)
-    used = cpu() - before
-    pss = 0
-    for p in procs:
-        try:
-            pss += p.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return {"processes": len(procs), "pss_mib": round(pss / 2**20, 1), "cpu_percent_of_one_core": round(100 * used / window_s, 2)}
+    return procs
 
 
 def main() -> None:
@@ -73,7 +54,7 @@ def main() -> None:
         t = time.monotonic()
         lab.up(args.nodes, args.release)
         noop_s = time.monotonic() - t
-        idle = idle_cost(lab, args.idle_window) if rep == 0 else None
+        idle = resources(host_processes(lab), args.idle_window) if rep == 0 else None
         t = time.monotonic()
         lab.down()
         down_s = time.monotonic() - t
@@ -103,8 +84,8 @@ def write_section(r: dict) -> None:
         f"| `lab up` again (nothing to do) | {s['noop_up_s']['median']} s | {s['noop_up_s']['max']} s |",
         f"| `lab down`, verified | {s['down_s']['median']} s | {s['down_s']['max']} s |",
         "",
-        f"Idle, {m['nodes']} hosts ({idle['processes']} processes, over {m['idle_window_s']:.0f} s): "
-        f"{idle['pss_mib']} MiB PSS, {idle['cpu_percent_of_one_core']} % of one core.",
+        f"Idle, {m['nodes']} hosts ({idle['processes']} processes, over {idle['window_s']:.0f} s): "
+        f"{idle['pss_mib']} MiB PSS, {idle['idle_cpu_pct_of_one_core']} % of one core.",
         "",
     ]
     path = ROOT / "docs/benchmarks.md"

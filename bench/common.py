@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 
 def save_results(results: dict, out: Path, render: Callable[[dict], None]) -> None:
@@ -13,3 +16,30 @@ def save_results(results: dict, out: Path, render: Callable[[dict], None]) -> No
     out.write_text(json.dumps(results, indent=2) + "\n")
     render(results)
     print(json.dumps(results["summary"], indent=2))
+
+
+def resources(procs: list[psutil.Process], window_s: float) -> dict:
+    """What `procs` cost over `window_s`: their PSS and RSS at the end, their CPU time meanwhile."""
+    def cpu() -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    before = cpu()
+    time.sleep(window_s)
+    after = cpu()
+    pss = rss = 0
+    for p in procs:
+        try:
+            m = p.memory_full_info()
+            pss += m.pss
+            rss += m.rss
+        except psutil.Error:
+            pass
+    return {"processes": len(procs), "pss_mib": round(pss / 2**20), "rss_mib": round(rss / 2**20),
+            "idle_cpu_pct_of_one_core": round(100 * (after - before) / window_s, 2), "window_s": window_s}
