@@ -104,14 +104,11 @@ def retries(conn: psycopg.Connection, prefix: str) -> dict[str, Any]:
     for each, from its first try's start to its last try's start (Airflow keeps earlier tries
     in task_instance_history)."""
     rows = conn.execute(
-        "SELECT ti.run_id, ti.task_id, ti.map_index, extract(epoch FROM ti.start_date - min(h.start_date))"
-        " FROM task_instance ti JOIN task_instance_history h ON h.dag_id = ti.dag_id AND h.run_id = ti.run_id"
-        " AND h.task_id = ti.task_id AND h.map_index = ti.map_index"
-        " WHERE ti.dag_id = %s AND ti.run_id LIKE %s AND ti.try_number > 1"
-        " GROUP BY ti.run_id, ti.task_id, ti.map_index, ti.start_date", (DAG_ID, prefix + "-%")).fetchall()
-    retried = conn.execute("SELECT count(*) FROM task_instance WHERE dag_id = %s AND run_id LIKE %s AND try_number > 1",
-                           (DAG_ID, prefix + "-%")).fetchone()[0]
-    return {"retried": int(retried), "delay_s": round(sum(float(r[3] or 0) for r in rows), 2)}
+        "SELECT extract(epoch FROM ti.start_date - (SELECT min(h.start_date) FROM task_instance_history h"
+        " WHERE h.dag_id = ti.dag_id AND h.run_id = ti.run_id AND h.task_id = ti.task_id AND h.map_index = ti.map_index))"
+        " FROM task_instance ti WHERE ti.dag_id = %s AND ti.run_id LIKE %s AND ti.try_number > 1",
+        (DAG_ID, prefix + "-%")).fetchall()
+    return {"retried": len(rows), "delay_s": round(sum(float(r[0] or 0) for r in rows), 2)}
 
 
 def wait_runs_finished(conn_factory: Any, prefix: str, timeout_s: float) -> dict[str, str]:
