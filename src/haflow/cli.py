@@ -91,7 +91,7 @@ def make_cluster(spec_file: Path | None, state_dir: Path | None, say: Callable[[
                  regenerate_secrets: bool = False) -> Cluster:
     spec, spec_dir, state, source = load_checked(spec_file, state_dir)
     return Cluster(spec, state, say or (lambda _: None), spec_dir=spec_dir, source=source,
-                   regenerate_secrets=regenerate_secrets, host=hosts.for_spec(spec, state))
+                   regenerate_secrets=regenerate_secrets, host=hosts.for_spec(spec, state, spec_dir))
 
 
 def locked(cluster: Cluster, command: str) -> contextlib.AbstractContextManager[None]:
@@ -162,6 +162,9 @@ def validate(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> N
 def up(spec_file: Path | None, state_dir: Path | None, as_json: bool, smoke: bool | None, regenerate_secrets: bool) -> None:
     """Start the cluster (or restart what is missing), wait for health, run the example DAG, show status."""
     cluster = make_cluster(spec_file, state_dir, Progress(), regenerate_secrets=regenerate_secrets)
+    if cluster.host.kind != "local":
+        raise UserError(f"{spec_file}: its nodes are servers reached over SSH; put the cluster on them with "
+                        f"`haflow deploy -f {spec_file}`")
     with locked(cluster, "up"):
         result = cluster.up(smoke=smoke)
     snap = status_mod.snapshot(cluster)
@@ -176,6 +179,63 @@ def up(spec_file: Path | None, state_dir: Path | None, as_json: bool, smoke: boo
                   f"password: `haflow secrets show`, stored in {cluster.state_dir / SECRETS_FILE})")
         print_status(snap)
     sys.exit(0 if snap["healthy"] else 1)
+
+
+@cli.command()
+@click.option("-f", "--file", "spec_file", type=click.Path(path_type=Path), required=True,
+              help="Cluster spec whose nodes carry `ssh` (the servers to deploy to).")
+@click.option("--state-dir", type=click.Path(path_type=Path), help=f"Where secrets and records live (default: .haflow next to the spec; env {STATE_ENV}).")
+@click.option("--dry-run", is_flag=True, help="Print per server the diff of every file that would change (secrets masked) and the services that would (re)start; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Per server: files changed and services started/restarted (docs/deploy.md).")
+@click.option("--smoke/--no-smoke", default=None, help="Run the example DAG at the end (default: when something changed).")
+@handle_errors
+def deploy(spec_file: Path, state_dir: Path | None, dry_run: bool, as_json: bool, smoke: bool | None) -> None:
+    """Put the cluster on its servers over SSH as systemd services (idempotent; rolling changes)."""
+    cluster = make_cluster(spec_file, state_dir, Progress())
+    try:
+        if cluster.host.kind != "ssh":
+            raise UserError(f"{spec_file}: its nodes have no `ssh`, so there are no servers to deploy to; give every node "
+                            "`ssh: {user, key}` (docs/deploy.md), or run the cluster on this machine with `haflow up`")
+        if dry_run:
+            plan = cluster.plan()
+            if as_json:
+                out.print_json(json.dumps({"dry_run": True, "hosts": plan}))
+            else:
+                print_plan(plan)
+            return
+        with locked(cluster, "up"):
+            result = cluster.up(smoke=smoke)
+        snap = status_mod.snapshot(cluster)
+    finally:
+        close = getattr(cluster.host, "close", None)
+        if close:
+            close()
+    if as_json:
+        out.print_json(json.dumps({"deploy": result, "status": snap}))
+    else:
+        what = f"{len(result['changed'])} change(s)" if result["changed"] else "nothing changed (already deployed)"
+        out.print(f"cluster [bold]{cluster.facts.name}[/] is deployed in {result['elapsed_s']}s: {what}")
+        for node, acts in result["hosts"].items():
+            if any(acts.values()):
+                out.print(f"  {node}: {len(acts['files_changed'])} file(s) changed; started {', '.join(acts['started']) or '-'}; "
+                          f"restarted {', '.join(acts['restarted']) or '-'}")
+        if ex := result.get("example_dag"):
+            out.print(f"example DAG {ex['dag_id']}: {ex['state']} in {ex['duration_s']}s, {ex['tasks']} tasks on {', '.join(ex['nodes'])}")
+        print_status(snap)
+    sys.exit(0 if snap["healthy"] else 1)
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    for node, p in plan.items():
+        if not p["files"] and not p["start"] and not p["restart"]:
+            out.print(f"[bold]{node}[/]: nothing would change")
+            continue
+        out.print(f"[bold]{node}[/]: {len(p['files'])} change(s); would start {', '.join(p['start']) or '-'}; "
+                  f"would restart {', '.join(p['restart']) or '-'}")
+        for f in p["files"]:
+            out.print(f"  {f['what']}: {f['path']}", highlight=False)
+            if f["diff"]:
+                out.print(escape(f["diff"].rstrip("\n")), highlight=False)
 
 
 @cli.command()

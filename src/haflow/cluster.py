@@ -67,6 +67,7 @@ class Cluster:
         self._secrets: Secrets | None = None
         self.applied = AppliedConfigs(state_dir, self.host)
         self._stale: dict[str, set[str]] = {}  # per node: running services whose definition changed
+        self.actions: dict[str, dict[str, list[str]]] = {}  # per node: files changed, services started/restarted
 
     @property
     def secrets(self) -> Secrets:
@@ -103,6 +104,32 @@ class Cluster:
             state.extend(component.render(self.facts, n, layout, self.secrets))
         return state
 
+    # --- plan (a dry run) -------------------------------------------------------------------------
+    def plan(self) -> dict[str, Any]:
+        """What `up`/`deploy` would change on each node, changing nothing: per node the files
+        (with a unified diff, secrets masked) and the services that would start or restart."""
+        if not self.exists() and not (self.state_dir / SECRETS_FILE).exists():
+            self._secrets = Secrets.placeholders()
+            etcd.use_root(self.facts, self._secrets)
+        self._preflight()
+        out: dict[str, Any] = {}
+        for node in self.facts.node_names:
+            desired = self.desired(node)
+            self.applied.expect(node, desired)
+            changes = [c for c in self.host.plan(node, desired, diff=True)]
+            for machine in self.host.machines():
+                if node in machine.nodes:
+                    changes += [c for c in self.host.plan(machine, rabbitmq.render_machine(
+                        self.facts, self.host.machine_layout(machine), machine.nodes), diff=True) if c not in changes]
+            paths = [c.path for c in changes]
+            running = {s.name for s in desired.services if self.host.instance(node, s.name)}
+            restart = [s.name for s in desired.services if s.name in running and (
+                self.applied.stale(node, s.name, paths) or any(s.name in str(p) and p.suffix in (".service", ".env")
+                                                               for p in paths))]
+            out[node] = {"files": [{"path": str(c.path), "what": c.what, "diff": c.diff} for c in changes],
+                         "start": sorted({s.name for s in desired.services} - running), "restart": restart}
+        return out
+
     # --- up -----------------------------------------------------------------------------------
     def up(self, smoke: bool | None = None) -> dict[str, Any]:
         """Bring every layer up (or back) in order; idempotent. Returns what changed.
@@ -133,7 +160,10 @@ class Cluster:
         moved = etcd.move_leader_away(self.facts, leader.name)
         if moved:
             changed.append(f"moved etcd leadership from {leader.name} to {moved} (off the primary's node)")
-        result: dict[str, Any] = {"changed": changed}
+        result: dict[str, Any] = {"changed": changed, "hosts": {
+            n: {"files_changed": [str(p) for p in file_changes.get(n, [])],
+                **self.actions.get(n, {"started": [], "restarted": [], "reloaded": []})}
+            for n in self.facts.node_names}}
         if smoke or (smoke is None and changed):
             result["example_dag"] = self.run_example_dag()
         result["elapsed_s"] = round(time.monotonic() - t0, 1)
@@ -214,6 +244,7 @@ class Cluster:
                     continue
             self.say(f"{node}: restarting PostgreSQL (a changed parameter needs it)")
             patroni.restart_postgres(self.facts, self.secrets, node)
+            self._act(node, "restarted", "postgresql")
             self._wait(f"database after restarting PostgreSQL on {node}", ROLLING_GATE_TIMEOUT_S,
                        lambda: patroni.probe(self.facts))
             done.append(f"{node}: restarted PostgreSQL for a changed parameter")
@@ -318,7 +349,11 @@ class Cluster:
         """Distro packages, system users and runtime venvs on every machine; returns what was
         done (nothing on a re-run)."""
         self.say("checking prerequisites")
-        return [c for m in self.host.machines() for c in self.host.provision(m, self.needs(), self.say)]
+        needs = self.needs()
+        machines = self.host.machines()
+        with ThreadPoolExecutor(max_workers=len(machines)) as pool:  # servers install in parallel
+            done = list(pool.map(lambda m: self.host.provision(m, needs, self.say), machines))
+        return [c for d in done for c in d]
 
     def _ensure_service(
         self, service: str, nodes: list[str], file_changes: dict[str, list[Path]], reload: bool = False,
@@ -332,6 +367,7 @@ class Cluster:
         for node in nodes:
             if self.host.start(node, service):
                 done.append(f"{node}: started {service}")
+                self._act(node, "started", service)
                 self.applied.took(node, service)
             elif self.applied.stale(node, service, file_changes.get(node, [])) or service in self._stale.get(node, ()):
                 stale.append(node)
@@ -339,15 +375,21 @@ class Cluster:
             if reload and service not in self._stale.get(node, ()):
                 self.host.reload(node, service)
                 done.append(f"{node}: reloaded {service}")
+                self._act(node, "reloaded", service)
                 self.applied.took(node, service)
                 continue
             self.say(f"{node}: restarting {service} (its configuration changed)")
             self.host.restart(node, service)
+            self._act(node, "restarted", service)
             self.applied.took(node, service)
             done.append(f"{node}: restarted {service}")
             if gate:
                 self._wait(f"{gate[0]} after restarting {service} on {node}", ROLLING_GATE_TIMEOUT_S, gate[1])
         return done
+
+    def _act(self, node: str, action: str, service: str) -> None:
+        record = self.actions.setdefault(node, {"started": [], "restarted": [], "reloaded": []})
+        record[action].append(service)
 
     def _wait(self, what: str, timeout: float, probe: Callable[[], L]) -> L:
         self.say(f"waiting for {what}")

@@ -52,6 +52,7 @@ class NodeLayout:
     task_logs: Path  # Airflow's task log folder
     serve_task_logs: bool  # False when every node shares task_logs (one machine): no log servers
     users: tuple[tuple[str, str], ...] = ()  # (component, system user) for services not run as haflow's user
+    postgres_version: int = 15  # the PostgreSQL major version on this host (the spec's, or its release's own)
 
     def user(self, component: str) -> str | None:
         """The system user a component's service runs as; None: the user haflow runs as."""

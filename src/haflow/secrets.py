@@ -156,6 +156,12 @@ class Secrets:
     def names(self) -> list[str]:
         return sorted([*self._accounts, *self._keys])
 
+    @classmethod
+    def placeholders(cls) -> "Secrets":
+        """Stand-ins for a dry run before the first deploy: nothing is generated or written."""
+        return cls({k: Account(u, "(generated at deploy)") for k, u in ACCOUNTS.items()},
+                   {name: "(generated at deploy)" for name in KEYS})
+
 
 # What replacing each secret breaks: said by --regenerate-secrets' help and its errors.
 BREAKS = {

@@ -57,6 +57,7 @@ class Ssh(_Strict):
     port: Port = 22
     key: str | None = None  # private key file, relative to the spec; None: the SSH agent and ~/.ssh
     host: str | None = None  # the address to connect to, when it is not the node's address
+    known_hosts: str | None = None  # file of trusted host keys, relative to the spec; None: ~/.ssh/known_hosts
 
     @field_validator("user")
     @classmethod
@@ -72,11 +73,11 @@ class Ssh(_Strict):
             raise ValueError(f"{_short(v)} is not a host name or address; give the name or IP to connect to")
         return v
 
-    @field_validator("key")
+    @field_validator("key", "known_hosts")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
         if v is not None and (not v.strip() or "\0" in v):
-            raise ValueError("give the path of the private key file")
+            raise ValueError("give the path of a file")
         return v
 
 
@@ -132,7 +133,7 @@ class Etcd(_Strict):
 
 
 class Database(_Strict):
-    postgres_version: int = 15
+    postgres_version: int | None = None  # None: the hosts' own release's (distros.py)
     patroni_version: str = "4.1.5"
     synchronous_mode: bool = True
     failsafe_mode: bool = True
@@ -146,8 +147,8 @@ class Database(_Strict):
 
     @field_validator("postgres_version")
     @classmethod
-    def _pg(cls, v: int) -> int:
-        if v not in SUPPORTED_POSTGRES:
+    def _pg(cls, v: int | None) -> int | None:
+        if v is not None and v not in SUPPORTED_POSTGRES:
             raise ValueError(f"PostgreSQL {v} is not supported; use one of 13-18 (Debian 12 ships 15)")
         return v
 

@@ -159,7 +159,7 @@ def test_ssh_is_given_for_every_node_or_none():
     assert any(d.startswith("nodes[1].ssh.extra") for d in e.value.details)
 
 
-def test_a_local_command_refuses_an_ssh_spec(tmp_path):
+def test_up_refuses_an_ssh_spec_and_deploy_a_local_one(tmp_path):
     import subprocess
     import sys
     import yaml
@@ -169,5 +169,9 @@ def test_a_local_command_refuses_an_ssh_spec(tmp_path):
         n["ssh"] = {"user": "root"}
     spec = tmp_path / "ssh.yaml"
     spec.write_text(yaml.safe_dump(data))
-    r = subprocess.run([sys.executable, "-m", "haflow.cli", "status", "-f", str(spec)], capture_output=True, text=True)
-    assert r.returncode == 2 and "reached over SSH" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "haflow.cli", "up", "-f", str(spec)], capture_output=True, text=True)
+    assert r.returncode == 2 and "haflow deploy -f" in r.stderr and "Traceback" not in r.stderr
+    local = tmp_path / "local.yaml"
+    local.write_text(default_spec_text())
+    r = subprocess.run([sys.executable, "-m", "haflow.cli", "deploy", "-f", str(local), "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no `ssh`" in r.stderr and "Traceback" not in r.stderr

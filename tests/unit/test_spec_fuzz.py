@@ -28,7 +28,7 @@ BAD_LIST = ["node1", 5, {"a": 1}]
 BAD_PARAM_VALUES = [True, -1, 10**15, [], "lots", None, 1.5]
 BAD_PARAMS = [{"synchronous_commit": "off"}, {"password_encryption": "md5"}, {"archive_command": "cp %p /x"},
               {"include_dir": "conf.d"}, {"port": 6000}, {"fsync": "off"}, {"Bad Name": 1}, {"work_mem": [1]}]
-STRING_FIELDS_OPTIONAL = {("airflow", "dags")}  # null is valid there
+STRING_FIELDS_OPTIONAL = {("airflow", "dags"), ("database", "postgres_version")}  # null is valid there
 
 
 def leaves(data: Any, path: tuple = ()) -> list[tuple]:

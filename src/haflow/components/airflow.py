@@ -224,7 +224,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     def svc(name: str, argv: list[str], stop_timeout_s: int = 30, environment: dict[str, str] = e,
             as_user: str | None = user, cwd: Path = h) -> Service:
         return Service(name=name, argv=tuple(argv), env=environment, user=as_user, cwd=cwd, stop_timeout_s=stop_timeout_s,
-                       restart_files=restart)
+                       restart_files=restart, after=("haproxy", "rabbitmq"))
 
     return DesiredState(
         dirs=[

@@ -64,6 +64,7 @@ class Service:
     reload_signal: str | None = None  # takes a changed config without a restart (None: restart)
     restart_files: tuple[Path, ...] = ()  # a change to one of these restarts the service
     forks: Forks | None = None
+    after: tuple[str, ...] = ()  # services of the same node or machine that start first (systemd's After=)
 
 
 @dataclass

@@ -134,7 +134,6 @@ def reconcile_dynamic_config(facts: ClusterFacts, secrets: Secrets, leader: Node
 
 
 def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, Any]:
-    db = facts.spec.database
     api = f"{node.address}:{facts.spec.ports.patroni_api}"
     accounts = {
         role: {"username": secrets[key].username, "password": secrets[key].password}
@@ -169,7 +168,7 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
             "listen": node.postgres,
             "connect_address": node.postgres,
             "data_dir": str(layout.pg_data),
-            "bin_dir": str(bin_dir(db.postgres_version)),
+            "bin_dir": str(bin_dir(layout.postgres_version)),
             "pgpass": str(layout.pg_home / "pgpass"),
             "authentication": accounts,
             # Per node: several nodes on one machine would otherwise share /var/run/postgresql.
@@ -183,7 +182,7 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
 
 
 def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
-    pg = facts.spec.database.postgres_version
+    pg = layout.postgres_version
     version = facts.spec.database.patroni_version
     server = Package(f"postgresql-{pg}", f"PostgreSQL {pg} server", paths=(bin_dir(pg) / "postgres", bin_dir(pg) / "pg_rewind"))
     return Needs(packages=(server,), venvs=(Venv(venv_dir(layout, version), (requirement(version),), layout.db_user),))
@@ -221,6 +220,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
                 restart_files=(conf,),
                 reload_signal="HUP",  # Patroni re-reads patroni.yml (and its etcd login) on SIGHUP
                 forks=postmaster(layout),
+                after=("etcd",),
             )
         ],
     )

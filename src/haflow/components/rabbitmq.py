@@ -140,6 +140,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
                 cwd=h,
                 stop_timeout_s=60,
                 restart_files=tuple(f.path for f in files if f.path.name != "definitions.json"),
+                after=(EPMD,),
             )
         ],
     )

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from haflow.errors import UserError
 from haflow.hosts.base import Host
 from haflow.spec import Spec
 
 
-def for_spec(spec: Spec, state_dir: Path) -> Host:
-    """A spec without `ssh` runs its nodes on this machine (a supervisord per node)."""
+def for_spec(spec: Spec, state_dir: Path, spec_dir: Path | None = None) -> Host:
+    """A spec without `ssh` runs its nodes on this machine (a supervisord per node); with
+    `ssh`, each node on its own server (systemd units, hosts/ssh.py)."""
+    if any(n.ssh is not None for n in spec.nodes):
+        from haflow.hosts.ssh import SshHost
+
+        return SshHost(spec, state_dir, spec_dir, check=lab_route_check)
     from haflow.hosts.local import LocalHost
 
-    if any(n.ssh is not None for n in spec.nodes):
-        raise UserError("this spec's nodes are reached over SSH (nodes[].ssh); this haflow runs clusters on this "
-                        "machine only: remove `ssh` from the nodes to run them here")
+    return LocalHost(state_dir, spec.cluster, tuple(n.name for n in spec.nodes), spec.database.postgres_version)
 
-    return LocalHost(state_dir, spec.cluster, tuple(n.name for n in spec.nodes))
+
+def lab_route_check(address: str) -> None:
+    """An address of the lab's subnet is contacted only through the lab's bridge (design.md §7)."""
+    from haflow.lab import net
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return  # a host name: not the lab's
+    if ip in ipaddress.ip_network(net.SAFETY_NET):
+        net.check_route(address)

@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
+from haflow import distros
 from haflow.components.base import DesiredState, Directory, File, Needs, Service
 from haflow.errors import HaflowError, UserError
 from haflow.facts import NodeLayout
@@ -76,8 +77,10 @@ def runtime_base(state_dir: Path) -> Path:
 class LocalHost:
     kind = "local"
 
-    def __init__(self, state_dir: Path, cluster: str, nodes: tuple[str, ...] = ()) -> None:
+    def __init__(self, state_dir: Path, cluster: str, nodes: tuple[str, ...] = (),
+                 postgres_wanted: int | None = None) -> None:
         self.state_dir = state_dir
+        self.postgres_wanted = postgres_wanted  # the spec's; None: this machine's release's own
         self.cluster = cluster
         self.nodes = tuple(nodes)
         self.run_base = runtime_base(state_dir)
@@ -109,6 +112,7 @@ class LocalHost:
             task_logs=shared / "airflow-task-logs",
             serve_task_logs=False,
             users=tuple(SERVICE_USERS.items()) if outside else (),
+            postgres_version=distros.postgres_version(self.postgres_wanted, *distros.os_release()),
         )
 
     def services_outside(self) -> bool:
@@ -200,7 +204,7 @@ class LocalHost:
         return local_provision.provision(needs, say)
 
     # --- desired state --------------------------------------------------------------------------
-    def plan(self, target: Target, desired: DesiredState) -> list[Change]:
+    def plan(self, target: Target, desired: DesiredState, diff: bool = False) -> list[Change]:
         """What `apply` would change, without changing anything."""
         name = _key(target)
         layout = self.layout(name)

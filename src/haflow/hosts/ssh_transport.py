@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,19 @@ class SshPool:
         if not r.ok:
             raise OSError(f"{name}: could not write {path}: {r.stderr.strip()[-300:]}")
         return True
+
+    async def upload(self, name: str, files: list[str], remote_dir: str) -> None:
+        """Copy local files into a folder on the host (SFTP to a private temporary folder as
+        the login user, then moved into place as root)."""
+        conn = await self._connect(name)
+        tmp = f"/tmp/.haflow-upload-{secrets.token_hex(8)}"
+        async with conn.start_sftp_client() as sftp:
+            await sftp.mkdir(tmp, asyncssh.SFTPAttrs(permissions=0o700))
+            await sftp.put(files, tmp)
+        q = shlex.quote(remote_dir)
+        r = await self.run(name, f"set -e; mkdir -p {q}; chown -R root:root {tmp}; mv -f {tmp}/* {q}/; rmdir {tmp}")
+        if not r.ok:
+            raise OSError(f"{name}: could not move uploaded files into {remote_dir}: {r.stderr.strip()[-300:]}")
 
     async def close(self) -> None:
         for conn in self._conns.values():

@@ -151,7 +151,8 @@ class Lab:
 
         data = yaml.safe_load(default_spec_text())
         data["cluster"] = "lab"
-        data["nodes"] = [{"name": h.name, "address": h.address, "ssh": {"user": "root", "key": str(self.run / KEY)}}
+        data["nodes"] = [{"name": h.name, "address": h.address, "ssh": {"user": "root", "key": str(self.run / KEY),
+                                                                             "known_hosts": str(self.run / KNOWN_HOSTS)}}
                          for h in self.hosts()]
         data["etcd"]["members"] = [h.name for h in self.hosts()]
         atomic_write(self.run / SPEC, "# written by `haflow lab up`: the lab's hosts\n" + yaml.safe_dump(data, sort_keys=False), 0o600)
