@@ -178,12 +178,12 @@ class Cluster:
             raise UserError(f"cannot start the cluster here: {len(problems)} problem(s)", details=problems)
 
     def _apply_all(self, changed: list[str]) -> dict[str, list[Path]]:
-        file_changes: dict[str, list[Path]] = {}
-        for node in self.facts.node_names:
-            desired = self.desired(node)
-            self.applied.expect(node, desired)
-            file_changes[node] = self.host.apply(node, desired)
-            changed += [str(p) for p in file_changes[node]]
+        desired = {node: self.desired(node) for node in self.facts.node_names}
+        for node, state in desired.items():
+            self.applied.expect(node, state)
+        with ThreadPoolExecutor(max_workers=len(desired)) as pool:  # nodes' files are independent
+            file_changes = dict(zip(desired, pool.map(lambda n: self.host.apply(n, desired[n]), desired)))
+        changed += [str(p) for node in desired for p in file_changes[node]]
         for machine in self.host.machines():  # one epmd per machine, for every node on it
             changed += [str(p) for p in self.host.apply(machine, rabbitmq.render_machine(
                 self.facts, self.host.machine_layout(machine), machine.nodes))]

@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import shlex
+import shutil
 import tarfile
 import threading
 import time
@@ -74,6 +75,8 @@ class SshHost:
         self._thread.start()
         self._facts: dict[str, dict[str, Any]] = {}
         self._unreachable: dict[str, str] | None = None
+        self._snapshots: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._desired: dict[tuple[str, str], DesiredState] = {}  # per (node, "node"|"machine"): as last applied
         self._agent = resources.files("haflow").joinpath("data", "host_agent.py").read_text()
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -282,7 +285,6 @@ class SshHost:
         """A server carries its node and its machine-wide services (epmd): both are applied
         through the node's unit set, so the same files are never written twice by two callers."""
         key = "machine" if isinstance(target, Machine) else "node"
-        self._desired = getattr(self, "_desired", {})
         self._desired[(node, key)] = desired
         merged = DesiredState()
         for part in ("node", "machine"):
@@ -343,7 +345,7 @@ class SshHost:
         return [self.unit(s) for s in merged]
 
     def _merged_services(self, node: str) -> list[str]:
-        desired = getattr(self, "_desired", {})
+        desired = self._desired
         return [s.name for part in ("node", "machine") if (node, part) in desired for s in desired[(node, part)].services]
 
     def _installed_units(self, node: str) -> list[str]:
@@ -353,6 +355,7 @@ class SshHost:
 
     # --- systemd ----------------------------------------------------------------------------------
     def _systemctl(self, node: str, *args: str, check: bool = True) -> Result:
+        self._snapshots.pop(node, None)
         r = self.sh(node, "systemctl " + " ".join(shlex.quote(a) for a in args))
         if check and not r.ok:
             unit = next((a for a in args if a.endswith((".service", ".target"))), None)
@@ -366,6 +369,17 @@ class SshHost:
 
     def unit_states(self, node: str, units: list[str], paths: dict[str, list[str]] | None = None) -> dict[str, Any]:
         return self.agent(node, "units", units=units, paths=paths or {})["units"]
+
+    def _state(self, node: str, unit: str) -> dict[str, Any]:
+        """A unit's state from one snapshot of all the node's units, taken at most STATE_TTL_S
+        ago and dropped at every action on the node: a no-op deploy asks each server once per
+        layer instead of once per service."""
+        snap = self._snapshots.get(node)
+        if snap is None or time.monotonic() - snap[0] > STATE_TTL_S or unit not in snap[1]:
+            units = sorted({*self._units(node), unit})
+            snap = (time.monotonic(), self.unit_states(node, units))
+            self._snapshots[node] = snap
+        return snap[1][unit]
 
     def boot(self, target: Target) -> bool:
         """The node's units and its target are enabled (a reboot brings the cluster back); the
@@ -391,7 +405,7 @@ class SshHost:
     def start(self, target: Target, service: str) -> bool:
         node = _key(target)
         unit = self.unit(service)
-        if self.unit_states(node, [unit])[unit]["active"] in ACTIVE:
+        if self._state(node, unit)["active"] in ACTIVE:
             return False
         r = self._systemctl(node, "start", unit, check=False)
         if not r.ok:
@@ -408,7 +422,7 @@ class SshHost:
     def reload(self, target: Target, service: str) -> bool:
         node = _key(target)
         unit = self.unit(service)
-        if self.unit_states(node, [unit])[unit]["active"] not in ACTIVE:
+        if self._state(node, unit)["active"] not in ACTIVE:
             return False
         self._systemctl(node, "reload-or-restart", unit)
         return True
@@ -467,6 +481,7 @@ class SshHost:
         states = self.unit_states(node, units)
         live = [u for u in units if states[u]["active"] in ACTIVE]
         if live:
+            self._snapshots.pop(node, None)
             self.sh(node, "systemctl kill --signal=KILL " + " ".join(live) + "; systemctl stop " + " ".join(live))
         return len(live)
 
@@ -477,6 +492,7 @@ class SshHost:
         if isinstance(target, Machine):
             return  # the server's node is stopped with the node
         units = self._installed_units(node)
+        self._snapshots.pop(node, None)
         self.sh(node, f"systemctl stop {self.target_unit} {' '.join(units)}; systemctl disable {self.target_unit} {' '.join(units)} 2>/dev/null; true")
 
     def leftovers(self, target: Target, timeout: float = 10.0) -> list[str]:
@@ -504,9 +520,11 @@ class SshHost:
             if not r.ok:
                 raise RemoteError(f"{node}: could not remove the cluster's files: {r.stderr.strip()[-200:]}")
         self.each(one)
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # its secrets and records: last, once the servers are clean
 
 
 MIN_FREE_BYTES = 4 * 2**30
+STATE_TTL_S = 3.0
 
 
 def _key(target: Target) -> str:

@@ -1,0 +1,155 @@
+"""The lab tier's deploy: the full cluster on 3 Debian 13 hosts over SSH, as systemd services.
+
+lab up -> deploy -> healthy, the example DAG's tasks on every host's worker -> systemd runs each
+service as an operator expects -> a second deploy changes nothing -> a PostgreSQL parameter that
+needs a restart rolls node by node while a writer keeps its acknowledged writes -> down leaves
+no unit running -> down --purge removes the cluster's files -> lab down leaves nothing.
+The tests run in order on one lab (module scope); each later test needs the earlier ones."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from haflow.drills.writer import Writer, lost_writes
+from haflow.lab import Lab, net
+from haflow.secrets import Secrets
+
+pytestmark = pytest.mark.lab
+HAFLOW = [sys.executable, "-m", "haflow.cli"]
+SERVICES = ("etcd", "patroni", "haproxy", "epmd", "rabbitmq", "airflow-api-server", "airflow-scheduler",
+            "airflow-dag-processor", "airflow-triggerer", "airflow-worker")
+
+
+def haflow(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run([*HAFLOW, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def on(host: str, command: str) -> str:
+    import asyncio
+    return asyncio.run(Lab().run_on(host, command))
+
+
+@pytest.fixture(scope="module")
+def lab():
+    r = haflow("lab", "up", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout)
+    yield {**info, "spec_path": Path(info["spec"]), "names": [h["name"] for h in info["hosts"]]}
+    haflow("down", "-f", info["spec"])
+    r = haflow("lab", "down")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def deploy(lab, *extra: str) -> dict:
+    r = haflow("deploy", "-f", str(lab["spec_path"]), "--json", *extra)
+    assert r.returncode == 0, (r.stderr[-4000:], r.stdout[-2000:])
+    return json.loads(r.stdout)
+
+
+def test_deploy_brings_the_full_cluster_up_with_tasks_on_every_host(lab):
+    result = deploy(lab)
+    assert result["status"]["healthy"], result["status"]
+    example = result["deploy"]["example_dag"]
+    assert example["state"] == "success"
+    assert sorted(example["nodes"]) == sorted(lab["names"])  # a task ran on every host's worker
+    for name in lab["names"]:
+        assert set(result["deploy"]["hosts"][name]["started"]) >= {"etcd", "patroni", "haproxy", "rabbitmq", "airflow-worker"}
+
+
+def test_services_are_systemd_units_an_operator_can_read(lab):
+    out = on("lab1", "systemctl is-active " + " ".join(f"haflow-lab-{s}" for s in SERVICES))
+    assert out.split() == ["active"] * len(SERVICES), out
+    assert on("lab1", "systemctl show -p Restart --value haflow-lab-patroni").strip() == "on-failure"
+    assert on("lab1", "systemctl is-enabled haflow-lab.target").strip() == "enabled"
+    journal = on("lab1", "journalctl -u haflow-lab-patroni --no-pager -o cat")
+    assert "Started haflow-lab-patroni.service" in journal and "no action. I am (lab1)" in journal
+    # secrets stay 0600: env files (root), configs (the service's own user)
+    assert on("lab1", "stat -c '%a %U' /etc/haflow/lab/env/airflow-scheduler.env").split() == ["600", "root"]
+    assert on("lab1", "stat -c '%a %U' /var/lib/haflow/lab/pg/patroni.yml").split() == ["600", "postgres"]
+    assert on("lab1", "stat -c %U /proc/$(systemctl show -p MainPID --value haflow-lab-etcd)").strip() == "etcd"
+    # PostgreSQL is the release's own (Debian 13: 17), found on the host, not assumed
+    postmaster = "$(head -1 /var/lib/haflow/lab/pg/data/postmaster.pid)"
+    assert on("lab1", f"readlink /proc/{postmaster}/exe").strip() == "/usr/lib/postgresql/17/bin/postgres"
+
+
+def test_a_killed_service_is_restarted_by_systemd_with_a_new_instance(lab):
+    from haflow.cli import make_cluster
+
+    cluster = make_cluster(lab["spec_path"], None)
+    try:
+        killed = cluster.host.kill_service("lab2", "haproxy")
+        assert len(killed) == 1
+        import time
+        deadline = time.monotonic() + 30
+        now = None
+        while time.monotonic() < deadline:
+            now = cluster.host.instance("lab2", "haproxy")
+            if now and now.id != killed[0].id:
+                break
+            time.sleep(0.5)
+        assert now is not None and now.id != killed[0].id
+    finally:
+        cluster.host.close()
+
+
+def test_a_second_deploy_changes_nothing_and_a_dry_run_sees_nothing(lab):
+    result = deploy(lab, "--no-smoke")
+    assert result["deploy"]["changed"] == [], result["deploy"]["changed"]
+    for name in lab["names"]:
+        assert result["deploy"]["hosts"][name] == {"files_changed": [], "started": [], "restarted": [], "reloaded": []}
+    r = haflow("deploy", "-f", str(lab["spec_path"]), "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = json.loads(r.stdout)["hosts"]
+    assert all(p == {"files": [], "start": [], "restart": []} for p in plan.values()), plan
+
+
+def test_a_restart_parameter_rolls_node_by_node_while_writes_continue(lab, tmp_path):
+    spec = lab["spec_path"]
+    data = yaml.safe_load(spec.read_text())
+    data["database"]["parameters"]["max_connections"] = 210
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    secrets = Secrets.load(spec.parent / ".haflow", set(), True)
+    su = secrets["postgres_superuser"]
+    addresses = [h["address"] for h in lab["hosts"]]
+    for a in addresses:
+        net.check_route(a)
+    port = data["ports"]["pg_primary"]
+    writer = Writer([f"{a}:{port}" for a in addresses], su.username, su.password, "postgres", run_id=7)
+    writer.ensure_table()
+    writer.start()
+    try:
+        result = deploy(lab, "--no-smoke")
+    finally:
+        log = writer.stop()
+    changed = result["deploy"]["changed"]
+    restarted = [c for c in changed if "restarted PostgreSQL" in c]
+    assert len(restarted) == 3, changed
+    switched = next(i for i, c in enumerate(changed) if c.startswith("switched the primary"))
+    assert changed.index(restarted[-1]) > switched  # the primary's node last, after a switchover
+    assert len(log.acknowledged) > 0
+    assert lost_writes(log, f"{addresses[0]}:{port}", su.username, su.password, "postgres") == []
+    for h in lab["hosts"]:  # asked on each host itself: PostgreSQL admits the nodes' addresses only
+        out = on(h["name"], f"PGPASSWORD={shlex.quote(su.password)} psql -h {h['address']} -p {data['ports']['postgres']} "
+                            f"-U {su.username} -d postgres -Atc 'SHOW max_connections'")
+        assert out.strip() == "210", (h["name"], out)
+
+
+def test_down_stops_every_unit_and_purge_removes_the_cluster(lab):
+    r = haflow("down", "-f", str(lab["spec_path"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in lab["names"]:
+        states = on(name, "systemctl is-active " + " ".join(f"haflow-lab-{s}" for s in SERVICES) + "; true").split()
+        assert set(states) == {"inactive"}, (name, states)
+        assert on(name, "systemctl is-enabled haflow-lab.target; true").strip() == "disabled"
+    r = haflow("down", "-f", str(lab["spec_path"]), "--purge", "--yes")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in lab["names"]:
+        assert on(name, "ls /etc/haflow /var/lib/haflow /etc/systemd/system | grep -c lab; true").strip() == "0"
+    assert not (lab["spec_path"].parent / ".haflow").exists()
