@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from common import save_results
+from common import save_results, write_docs_section
 from haflow.cluster import Cluster
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL
@@ -136,14 +136,7 @@ def write_section(r: dict) -> None:
                      f"{s.get('task_instances_retried', '-')} ({mm('retry_delay_s')}) | "
                      f"{s['duplicate_executions']} | {target} |")
     lines.append("")
-    path = ROOT / "docs/drills.md"
-    text = path.read_text()
-    marker = "## Latest results on this machine"
-    head, _, tail = text.partition(marker)
-    rest = tail.split("\n## ", 1)
-    after = "\n## " + rest[1] if len(rest) > 1 else ""
-    path.write_text(head.rstrip() + "\n\n" + "\n".join(lines) + after)
-
+    write_docs_section(ROOT / "docs/drills.md", lines)
 
 if __name__ == "__main__":
     main()

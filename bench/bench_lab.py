@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from common import resources, save_results
+from common import resources, save_results, write_docs_section
 from haflow.lab import Lab, image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,17 +88,7 @@ def write_section(r: dict) -> None:
         f"{idle['pss_mib']} MiB PSS, {idle['idle_cpu_pct_of_one_core']} % of one core.",
         "",
     ]
-    path = ROOT / "docs/benchmarks.md"
-    text = path.read_text()
-    marker = "## The lab"
-    if marker in text:
-        head, _, tail = text.partition(marker)
-        rest = tail.split("\n## ", 1)
-        after = "\n## " + rest[1] if len(rest) > 1 else ""
-        path.write_text(head.rstrip() + "\n\n" + "\n".join(lines) + after)
-    else:
-        path.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
-
+    write_docs_section(ROOT / "docs/benchmarks.md", lines)
 
 if __name__ == "__main__":
     main()

@@ -43,3 +43,17 @@ def resources(procs: list[psutil.Process], window_s: float) -> dict:
             pass
     return {"processes": len(procs), "pss_mib": round(pss / 2**20), "rss_mib": round(rss / 2**20),
             "idle_cpu_pct_of_one_core": round(100 * (after - before) / window_s, 2), "window_s": window_s}
+
+
+def write_docs_section(path: Path, lines: list[str]) -> None:
+    """Replace the section that starts with lines[0] (a "## " heading) up to the next heading of
+    that level, or append it when the document has none yet."""
+    text = path.read_text()
+    marker = lines[0]
+    if marker in text:
+        head, _, tail = text.partition(marker)
+        rest = tail.split("\n## ", 1)
+        after = "\n## " + rest[1] if len(rest) > 1 else ""
+        path.write_text(head.rstrip() + "\n\n" + "\n".join(lines) + after)
+    else:
+        path.write_text(text.rstrip() + "\n\n" + "\n".join(lines))

@@ -170,9 +170,11 @@ class Cluster:
         return result
 
     def _preflight(self) -> None:
-        problems = [p for n in self.facts.nodes
-                    for p in self.host.preflight(n.name, {(n.address, port): field
-                                                          for port, field in self.facts.listen_ports(n.name).items()})]
+        def node_problems(n: Any) -> list[str]:
+            return self.host.preflight(n.name, {(n.address, port): field for port, field in self.facts.listen_ports(n.name).items()})
+
+        with ThreadPoolExecutor(max_workers=len(self.facts.nodes)) as pool:  # servers answer in parallel
+            problems = [p for found in pool.map(node_problems, self.facts.nodes) for p in found]
         problems += [p for m in self.host.machines() for p in self.host.preflight(m, self.facts.host_listen_ports())]
         if problems:
             raise UserError(f"cannot start the cluster here: {len(problems)} problem(s)", details=problems)
@@ -309,7 +311,7 @@ class Cluster:
         """`airflow db migrate` once per Airflow version and set of providers (it is idempotent
         but slow to import)."""
         marker = self.state_dir / f"airflow-db-migrated-{self.spec.airflow.version}-{airflow.constraints_digest(self.spec.airflow.version)}"
-        if marker.exists():
+        if marker.exists() and postgres.airflow_schema_present(self.facts, self.secrets):
             return
         self.say("migrating the Airflow database (airflow db migrate)")
         node = self.facts.nodes[0]

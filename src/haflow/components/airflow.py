@@ -307,7 +307,8 @@ def ping_workers(facts: ClusterFacts, secrets: Secrets, timeout: float = 2.0) ->
         app.conf.broker_connection_retry = False
         app.conf.broker_connection_timeout = 2
         try:
-            replies = app.control.ping(timeout=timeout) or []
+            # every node runs one worker: stop waiting once all answered (else the full timeout)
+            replies = app.control.ping(timeout=timeout, limit=len(facts.nodes)) or []
             return sorted(name for reply in replies for name in reply)
         except Exception:  # this balancer's broker route is down: ask through the next node
             continue

@@ -48,6 +48,16 @@ def connect_any(facts: ClusterFacts, secrets: Secrets) -> psycopg.Connection:
     raise ClusterUnhealthy(f"no balancer routes to the database ({last}); run `haflow status`")
 
 
+def airflow_schema_present(facts: ClusterFacts, secrets: Secrets) -> bool:
+    """Whether `airflow db migrate` ever completed on this database (Alembic's version row is
+    there): a record on the control machine alone can outlive servers that were rebuilt."""
+    with connect_any(facts, secrets) as conn:
+        row = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return False
+        return conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+
+
 def live_primary_endpoint(facts: ClusterFacts, timeout: float = 0.5) -> str:
     """The primary port of the first balancer that accepts a connection (a dead node's does not)."""
     for n in facts.nodes:

@@ -75,6 +75,7 @@ class SshHost:
         self._thread.start()
         self._facts: dict[str, dict[str, Any]] = {}
         self._unreachable: dict[str, str] | None = None
+        self._connecting = threading.Lock()
         self._snapshots: dict[str, tuple[float, dict[str, Any]]] = {}
         self._desired: dict[tuple[str, str], DesiredState] = {}  # per (node, "node"|"machine"): as last applied
         self._agent = resources.files("haflow").joinpath("data", "host_agent.py").read_text()
@@ -216,17 +217,22 @@ class SshHost:
 
     def _reachability(self) -> dict[str, str]:
         """Per server that cannot be used, why: no SSH connection, or no sudo without a password."""
-        if self._unreachable is None:
-            failed = self.connect()
-            self._unreachable = {}
-            for t in self.targets:
-                if t.name in failed:
-                    self._unreachable[t.name] = (f"{t.name}: cannot connect to {t.user}@{t.host}:{t.port} ({failed[t.name]}); "
-                                                 "check the address, nodes[].ssh (user, key, known_hosts) and that sshd runs")
-                elif t.user != "root" and not self.sh(t.name, "true").ok:
-                    self._unreachable[t.name] = (f"{t.name}: {t.user} cannot run sudo without a password; allow it "
-                                                 f"(a sudoers line `{t.user} ALL=(ALL) NOPASSWD: ALL`) or connect as root")
+        with self._connecting:  # preflight asks from one thread per server: connect once
+            if self._unreachable is None:
+                self._unreachable = self._find_unreachable()
         return self._unreachable
+
+    def _find_unreachable(self) -> dict[str, str]:
+        failed = self.connect()
+        why = {}
+        for t in self.targets:
+            if t.name in failed:
+                why[t.name] = (f"{t.name}: cannot connect to {t.user}@{t.host}:{t.port} ({failed[t.name]}); "
+                               "check the address, nodes[].ssh (user, key, known_hosts) and that sshd runs")
+            elif t.user != "root" and not self.sh(t.name, "true").ok:
+                why[t.name] = (f"{t.name}: {t.user} cannot run sudo without a password; allow it "
+                               f"(a sudoers line `{t.user} ALL=(ALL) NOPASSWD: ALL`) or connect as root")
+        return why
 
     def same_release(self) -> list[str]:
         """All servers of a cluster run one release (one wheelhouse, one PostgreSQL version)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ RECORD = "lab.json"
 KEY = "lab_ed25519"
 KNOWN_HOSTS = "known_hosts"
 SPEC = "cluster.yaml"
+STATE = ".haflow"  # the state directory of `haflow deploy -f cluster.yaml` (next to the spec)
 NODE_COUNTS = (3, 5)
 READY_TIMEOUT_S = 90
 TOOLS = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap", "nft": "nftables", "ssh-keygen": "openssh-client"}
@@ -195,6 +197,9 @@ class Lab:
         net.down(self.run)
         for name in (RECORD, SPEC, KNOWN_HOSTS):
             (self.run / name).unlink(missing_ok=True)
+        # the state of a cluster deployed with the lab's spec (secrets, records): its servers are
+        # gone, so a record kept here would describe a cluster that no longer exists
+        shutil.rmtree(self.run / STATE, ignore_errors=True)
         left = self.leftovers(hosts, refs)
         if left:
             raise HaflowError(f"the lab is not fully gone: {', '.join(left)}; re-run `haflow lab down`")
@@ -206,6 +211,7 @@ class Lab:
         left = net.leftovers()
         left += [f"{r.label}[{r.pid}]" for r in wait_gone(list(refs), 5)]
         left += [f"folder {h.dir}" for h in hosts if h.dir.exists()]
+        left += [f"cluster state {self.run / STATE}"] if (self.run / STATE).exists() else []
         mounts = Path("/proc/mounts").read_text()
         left += [f"mount {line.split()[1]}" for line in mounts.splitlines() if str(self.root) in line]
         return left
