@@ -303,7 +303,7 @@ class Cluster:
                                 timeout=300, user=layout.user("airflow"), cwd=airflow.home(layout))
         if rc != 0:
             tail = " | ".join(out.strip().splitlines()[-3:])
-            raise ClusterUnhealthy(f"could not create the Airflow admin (exit {rc}): {tail}; data is kept, re-run `haflow up`")
+            raise ClusterUnhealthy(f"could not create the Airflow admin (exit {rc}): {tail}; data is kept, {self.host.recovery_hint()}")
         what = out.strip().splitlines()[-1] if out.strip() else "done"
         return [f"Airflow admin {self.secrets['airflow_admin'].username}: {what}"]
 
@@ -322,7 +322,7 @@ class Cluster:
                                 user=layout.user("airflow"), cwd=airflow.home(layout))
         if rc != 0:
             tail = " | ".join(out.strip().splitlines()[-3:])
-            raise ClusterUnhealthy(f"`airflow db migrate` failed (exit {rc}): {tail}; data is kept, re-run `haflow up`")
+            raise ClusterUnhealthy(f"`airflow db migrate` failed (exit {rc}): {tail}; data is kept, {self.host.recovery_hint()}")
         marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
         changed.append(f"migrated the Airflow database to {self.spec.airflow.version}")
 
@@ -404,8 +404,7 @@ class Cluster:
             time.sleep(0.5)
         why = ("; ".join(last.problems) or _unhealthy_members(last)) if last else "not probed"
         raise ClusterUnhealthy(
-            f"timed out after {timeout:.0f}s waiting for {what}: {why}; data is kept, check the logs under "
-            f"{self.state_dir}/nodes/*/logs and re-run `haflow up`"
+            f"timed out after {timeout:.0f}s waiting for {what}: {why}; data is kept, {self.host.recovery_hint()}"
         )
 
     # --- down ---------------------------------------------------------------------------------

@@ -53,6 +53,21 @@ def deploy(lab, *extra: str) -> dict:
     return json.loads(r.stdout)
 
 
+def test_preflight_names_every_server_problem_at_once_and_changes_nothing(lab, tmp_path):
+    data = yaml.safe_load(lab["spec_path"].read_text())
+    data["nodes"][1]["ssh"]["port"] = 2222  # nobody listens there
+    data["nodes"][2]["ssh"]["host"] = data["nodes"][2]["address"]
+    data["nodes"][2]["address"] = "10.213.0.99"  # not the server's address
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = haflow("deploy", "-f", str(spec), "--dry-run")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "lab2: cannot connect to root@10.213.0.12:2222" in r.stderr, r.stderr
+    assert "lab3: address 10.213.0.99 is not on the server" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert on("lab1", "ls /etc/haflow 2>/dev/null | wc -l").strip() == "0"  # nothing was written
+
+
 def test_deploy_brings_the_full_cluster_up_with_tasks_on_every_host(lab):
     result = deploy(lab)
     assert result["status"]["healthy"], result["status"]
@@ -108,6 +123,26 @@ def test_a_second_deploy_changes_nothing_and_a_dry_run_sees_nothing(lab):
     assert r.returncode == 0, r.stderr[-2000:]
     plan = json.loads(r.stdout)["hosts"]
     assert all(p == {"files": [], "start": [], "restart": []} for p in plan.values()), plan
+
+
+def test_the_other_commands_work_on_the_deployed_cluster(lab):
+    spec = str(lab["spec_path"])
+    r = haflow("dags", "push", "-f", spec)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = haflow("dags", "trigger", "haflow_example", "--json", "-f", spec)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["state"] == "success"
+    r = haflow("switchover", "--json", "-f", spec)
+    assert r.returncode == 0, r.stderr[-2000:]
+    moved = json.loads(r.stdout)
+    assert moved["from"] != moved["to"]
+    r = haflow("status", "--json", "-f", spec)
+    assert r.returncode == 0, r.stderr[-2000:]
+    snap = json.loads(r.stdout)
+    assert snap["layers"]["database"]["leader"] == moved["to"]
+    assert all(n["supervisor"] for n in snap["nodes"])  # systemd runs the node's units
+    r = haflow("secrets", "show", "-f", spec)
+    assert r.returncode == 0 and "airflow_admin" in r.stdout
 
 
 def test_a_restart_parameter_rolls_node_by_node_while_writes_continue(lab, tmp_path):

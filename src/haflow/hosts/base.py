@@ -35,6 +35,7 @@ Verbs, most critical first (the ones a drill or a restart depends on):
 - ``stop_node(target)``: stop everything of it; ``leftovers(target, timeout)`` proves nothing
   is left (waiting up to `timeout` for what is still going).
 - ``purge()``: remove what this host created for the cluster, nothing else.
+- ``recovery_hint()``: where a failed step's logs are and which command re-runs it.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Change:
 class Host(Protocol):
     kind: str  # "local", "ssh"
 
+    def recovery_hint(self) -> str: ...  # where to look and what to re-run when a step fails
     def layout(self, node: str) -> NodeLayout: ...
     def machine_layout(self, machine: Machine) -> NodeLayout: ...
     def machines(self) -> list[Machine]: ...

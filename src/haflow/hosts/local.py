@@ -88,6 +88,9 @@ class LocalHost:
         self._outside: bool | None = None
         self._stopped: dict[str, list[ProcRef]] = {}  # per target: what stop_node saw running
 
+    def recovery_hint(self) -> str:
+        return f"check the logs under {self.state_dir}/nodes/*/logs and re-run `haflow up`"
+
     # --- machines and layout --------------------------------------------------------------------
     def machines(self) -> list[Machine]:
         return [Machine(MACHINE_NAME, self.nodes)]

@@ -134,6 +134,10 @@ class SshHost:
             self._facts[node] = self.agent(node, "facts", disk_path=str(DATA_BASE))
         return self._facts[node]
 
+    def recovery_hint(self) -> str:
+        return (f"check the journal on the servers (`journalctl -u 'haflow-{self.cluster}-*'`) and re-run "
+                "`haflow deploy`")
+
     # --- machines and layout ----------------------------------------------------------------------
     def machines(self) -> list[Machine]:
         return [Machine(n, (n,)) for n in self.node_names]
@@ -499,7 +503,10 @@ class SshHost:
             return  # the server's node is stopped with the node
         units = self._installed_units(node)
         self._snapshots.pop(node, None)
-        self.sh(node, f"systemctl stop {self.target_unit} {' '.join(units)}; systemctl disable {self.target_unit} {' '.join(units)} 2>/dev/null; true")
+        # a unit that failed on its way down (its journal keeps why) reads inactive afterwards,
+        # as an orderly stop should leave it
+        self.sh(node, f"systemctl stop {self.target_unit} {' '.join(units)}; systemctl reset-failed {' '.join(units)} 2>/dev/null; "
+                      f"systemctl disable {self.target_unit} {' '.join(units)} 2>/dev/null; true")
 
     def leftovers(self, target: Target, timeout: float = 10.0) -> list[str]:
         node = _key(target)
