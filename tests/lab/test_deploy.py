@@ -136,9 +136,15 @@ def test_the_other_commands_work_on_the_deployed_cluster(lab):
     assert r.returncode == 0, r.stderr[-2000:]
     moved = json.loads(r.stdout)
     assert moved["from"] != moved["to"]
-    r = haflow("status", "--json", "-f", spec)
-    assert r.returncode == 0, r.stderr[-2000:]
+    import time
+    deadline = time.monotonic() + 90  # the old primary rejoins as a replica after the switchover
+    while True:
+        r = haflow("status", "--json", "-f", spec)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     snap = json.loads(r.stdout)
+    assert r.returncode == 0, [layer.get("problems") for layer in snap["layers"].values()]
     assert snap["layers"]["database"]["leader"] == moved["to"]
     assert all(n["supervisor"] for n in snap["nodes"])  # systemd runs the node's units
     r = haflow("secrets", "show", "-f", spec)
