@@ -161,7 +161,10 @@ UNIT_PROPS = ["ActiveState", "SubState", "InvocationID", "MainPID", "ExecMainSta
 
 def units(req):
     """State of systemd units; for each, whether a file it reads changed after it started."""
-    names = req["units"]
+    names = list(req["units"])
+    if req.get("glob"):  # every installed unit of a pattern (a cluster's), by its file
+        import fnmatch
+        names += [n for n in sorted(os.listdir(req["unit_dir"])) if fnmatch.fnmatch(n, req["glob"]) and n not in names]
     out = {}
     if names:
         r = subprocess.run(["systemctl", "show", "--timestamp=unix", "-p", ",".join(UNIT_PROPS), "--", *names],

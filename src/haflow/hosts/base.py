@@ -49,6 +49,11 @@ from haflow.facts import NodeLayout
 
 Say = Callable[[str], None]
 
+# The system user each component's services run as when haflow runs as root (the packages
+# create all but `airflow` and `airflow-worker`, which provisioning creates).
+SERVICE_USERS = {"etcd": "etcd", "haproxy": "haproxy", "rabbitmq": "rabbitmq", "airflow": "airflow",
+                 "airflow-worker": "airflow-worker"}
+
 
 @dataclass(frozen=True)
 class Machine:

@@ -38,7 +38,7 @@ from haflow.errors import HaflowError, UserError
 from haflow.facts import NodeLayout
 from haflow.fsutil import atomic_write, tree_checksum
 from haflow.hosts import local_provision
-from haflow.hosts.base import Change, Instance, Machine, Say, Target
+from haflow.hosts.base import SERVICE_USERS, Change, Instance, Machine, Say, Target
 from haflow.hosts.local_provision import default_db_user, is_root, reachable_by
 from haflow.hosts.procs import ProcRef, wait_gone
 from haflow.rendering import render_template
@@ -50,10 +50,8 @@ MACHINE_NAME = "local"
 DB_DIR = "pg"
 DB_RELOCATION_BASE = Path("/var/lib/haflow/db")
 SERVICES_BASE = Path("/var/lib/haflow/clusters")
-# As root, each service runs as its own system user (the packages create all but `airflow`,
-# which `haflow prereqs --install` and `up` create); PostgreSQL runs as `postgres` (NodeLayout.db_user).
-SERVICE_USERS = {"etcd": "etcd", "haproxy": "haproxy", "rabbitmq": "rabbitmq", "airflow": "airflow",
-                 "airflow-worker": "airflow-worker"}
+# As root, each service runs as its own system user (hosts/base.py SERVICE_USERS); PostgreSQL
+# runs as `postgres` (NodeLayout.db_user).
 # Folders a cluster made by haflow < 0.9 kept in the state directory (every service ran as root).
 IN_STATE_DIR_SERVICES = ("etcd", "rabbitmq", "airflow")
 RUNNING_STATES = {"RUNNING", "STARTING"}

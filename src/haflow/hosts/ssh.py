@@ -33,7 +33,7 @@ from haflow import distros
 from haflow.components.base import DesiredState, Directory, File, Needs, Service
 from haflow.errors import HaflowError
 from haflow.facts import NodeLayout
-from haflow.hosts.base import Change, Instance, Machine, Say, Target
+from haflow.hosts.base import SERVICE_USERS, Change, Instance, Machine, Say, Target
 from haflow.hosts.ssh_transport import Result, SshPool, SshTarget
 from haflow.spec import Spec
 
@@ -44,8 +44,6 @@ LOG_BASE = Path("/var/log/haflow")
 VENVS = Path("/opt/haflow/venvs")
 UNIT_DIR = Path("/etc/systemd/system")
 TMPFILES_DIR = Path("/etc/tmpfiles.d")
-SERVICE_USERS = {"etcd": "etcd", "haproxy": "haproxy", "rabbitmq": "rabbitmq", "airflow": "airflow",
-                 "airflow-worker": "airflow-worker"}
 ACTIVE = {"active", "activating", "reloading", "deactivating"}
 JOURNAL_LINES = 15
 
@@ -360,8 +358,7 @@ class SshHost:
 
     def _installed_units(self, node: str) -> list[str]:
         """The cluster's units on the server (from the disk, when this run applied nothing)."""
-        r = self.sh(node, f"cd {UNIT_DIR} && ls -1 haflow-{self.cluster}-*.service 2>/dev/null || true")
-        return sorted(set(r.stdout.split()) | set(self._units(node)))
+        return sorted(u for u in self.unit_states(node, [], glob=True) if u != self.target_unit)
 
     # --- systemd ----------------------------------------------------------------------------------
     def _systemctl(self, node: str, *args: str, check: bool = True) -> Result:
@@ -377,17 +374,28 @@ class SshHost:
         r = self.sh(node, f"journalctl -u {shlex.quote(unit)} -n {lines} --no-pager -o cat")
         return " | ".join(r.stdout.strip().splitlines()[-lines:])
 
-    def unit_states(self, node: str, units: list[str], paths: dict[str, list[str]] | None = None) -> dict[str, Any]:
-        return self.agent(node, "units", units=units, paths=paths or {})["units"]
+    def unit_states(self, node: str, units: list[str], paths: dict[str, list[str]] | None = None,
+                    glob: bool = False) -> dict[str, Any]:
+        """systemd's view of `units` (with `glob`: also every unit of this cluster installed on the
+        server, and its target); a unit is `changed_since_start` when one of its `paths` was
+        written after it started."""
+        pattern = f"haflow-{self.cluster}-*.service" if glob else None
+        extra = [self.target_unit] if glob else []
+        return self.agent(node, "units", units=sorted({*units, *extra}), paths=paths or {}, glob=pattern,
+                          unit_dir=str(UNIT_DIR))["units"]
+
+    def _definition_paths(self, node: str) -> dict[str, list[str]]:
+        return {self.unit(s): [str(UNIT_DIR / self.unit(s)), str(self.env_file(s))] for s in self._merged_services(node)}
 
     def _state(self, node: str, unit: str) -> dict[str, Any]:
-        """A unit's state from one snapshot of all the node's units, taken at most STATE_TTL_S
-        ago and dropped at every action on the node: a no-op deploy asks each server once per
-        layer instead of once per service."""
+        """A unit's state from one snapshot of every unit of the node (and whether its unit or
+        env file changed since it started), taken at most STATE_TTL_S ago and dropped at every
+        systemctl action on the node: a no-op deploy asks each server about once per layer
+        instead of once per service and question."""
         snap = self._snapshots.get(node)
         if snap is None or time.monotonic() - snap[0] > STATE_TTL_S or unit not in snap[1]:
-            units = sorted({*self._units(node), unit})
-            snap = (time.monotonic(), self.unit_states(node, units))
+            paths = self._definition_paths(node)
+            snap = (time.monotonic(), self.unit_states(node, sorted({*paths, unit, self.target_unit}), paths))
             self._snapshots[node] = snap
         return snap[1][unit]
 
@@ -396,8 +404,7 @@ class SshHost:
         services themselves are started one by one by orchestration, behind its health gates."""
         node = _key(target)
         units = [*self._units(node), self.target_unit]
-        states = self.unit_states(node, units)
-        off = [u for u in units if states[u]["enabled"] != "enabled"]
+        off = [u for u in units if self._state(node, u)["enabled"] != "enabled"]
         if not off:
             return False
         self._systemctl(node, "enable", *off)
@@ -406,8 +413,7 @@ class SshHost:
     def running(self, target: Target) -> bool:
         node = _key(target)
         try:
-            units = [*self._installed_units(node), self.target_unit]
-            states = self.unit_states(node, units)
+            states = self.unit_states(node, self._units(node), glob=True)
         except RemoteError:
             return False
         return any(st["active"] in ACTIVE for st in states.values())
@@ -448,10 +454,8 @@ class SshHost:
     def stale(self, target: Target) -> list[str]:
         """Running services whose unit or environment file was written after they started."""
         node = _key(target)
-        services = self._merged_services(node)
-        paths = {self.unit(s): [str(UNIT_DIR / self.unit(s)), str(self.env_file(s))] for s in services}
-        states = self.unit_states(node, list(paths), paths)
-        return [s for s in services if states[self.unit(s)]["active"] in ACTIVE and states[self.unit(s)]["changed_since_start"]]
+        return [s for s in self._merged_services(node)
+                if (st := self._state(node, self.unit(s)))["active"] in ACTIVE and st["changed_since_start"]]
 
     def changed_since_start(self, target: Target, service: str, paths: tuple[Path, ...]) -> bool:
         node = _key(target)
@@ -487,9 +491,8 @@ class SshHost:
     def kill_node(self, target: Target) -> int:
         """Every service of the server dies at once and stays down (until `boot` and starts)."""
         node = _key(target)
-        units = self._installed_units(node)
-        states = self.unit_states(node, units)
-        live = [u for u in units if states[u]["active"] in ACTIVE]
+        states = self.unit_states(node, self._units(node), glob=True)
+        live = [u for u, st in states.items() if st["active"] in ACTIVE and u != self.target_unit]
         if live:
             self._snapshots.pop(node, None)
             self.sh(node, "systemctl kill --signal=KILL " + " ".join(live) + "; systemctl stop " + " ".join(live))
@@ -513,7 +516,7 @@ class SshHost:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                states = self.unit_states(node, self._installed_units(node))
+                states = self.unit_states(node, self._units(node), glob=True)
             except RemoteError as e:
                 return [str(e)]
             left = [f"{node}: {u} is {st['active']}" for u, st in states.items() if st["active"] in ACTIVE]
