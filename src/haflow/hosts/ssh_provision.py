@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 BASE_PACKAGES = ("python3-venv",)  # venvs need ensurepip
 REMOTE_WHEELS = PurePosixPath("/var/cache/haflow/wheels")
 POLICY_RC = "/usr/sbin/policy-rc.d"
+POLICY_MARKER = "# haflow: packages being installed must not start their services (removed afterwards)"
 
 
 def _venv_wanted(venv: Venv) -> str:
@@ -63,12 +64,15 @@ def _install_packages(host: "SshHost", node: str, packages: list[str], say: Say)
     if not absent:
         return []
     say(f"{node}: installing {' '.join(absent)} (apt)")
-    # Our own policy-rc.d only if the server has none: the packages' services must not start
-    # (their default etcd, PostgreSQL, RabbitMQ would hold the cluster's ports).
+    # Our own policy-rc.d only if the server has none (or has the one an interrupted run of ours
+    # left, recognised by its marker line): the packages' services must not start (their default
+    # etcd, PostgreSQL, RabbitMQ would hold the cluster's ports). Removed on exit or hang-up.
     script = (
         "set -e; export DEBIAN_FRONTEND=noninteractive; ours=0; "
-        f"if [ ! -e {POLICY_RC} ]; then printf '#!/bin/sh\\nexit 101\\n' > {POLICY_RC}; chmod 755 {POLICY_RC}; ours=1; fi; "
-        f"trap 'if [ $ours = 1 ]; then rm -f {POLICY_RC}; fi' EXIT; "
+        f"if [ ! -e {POLICY_RC} ] || grep -qx '{POLICY_MARKER}' {POLICY_RC}; then "
+        f"printf '#!/bin/sh\n{POLICY_MARKER}\nexit 101\n' > {POLICY_RC}; chmod 755 {POLICY_RC}; ours=1; fi; "
+        f"cleanup() {{ if [ $ours = 1 ]; then rm -f {POLICY_RC}; fi; }}; "
+        "trap cleanup EXIT; trap 'cleanup; exit 1' HUP INT TERM; "
         "apt-get -o DPkg::Lock::Timeout=120 -q update >/dev/null; "
         "apt-get -o DPkg::Lock::Timeout=120 -q install -y --no-install-recommends "
         + " ".join(shlex.quote(p) for p in absent)
