@@ -127,12 +127,30 @@ def _disable_distro_services(packages: list[str]) -> None:
 PRIMARY_GROUP = {"airflow-worker": "airflow"}
 
 
+def useradd_argv(user: str) -> list[str]:
+    """How haflow creates a service user, on this machine and on a server alike."""
+    group = ["--gid", PRIMARY_GROUP[user]] if user in PRIMARY_GROUP else ["--user-group"]
+    return ["useradd", "--system", *group, "--no-create-home", "--home-dir", "/nonexistent",
+            "--shell", "/usr/sbin/nologin", "--comment", "haflow service user", user]
+
+
+def users_in_creation_order(users: list[str]) -> list[str]:
+    return sorted(users, key=lambda u: u in PRIMARY_GROUP)  # a group's owner first
+
+
+def venv_marker(requirements: list[str] | tuple[str, ...]) -> str:
+    """What a venv was built from, as its completion marker holds it: the requirements, a file
+    argument (the constraints) by its content, so a new clone of haflow shipping the same file
+    elsewhere does not rebuild the venv."""
+    return "\n".join(_digest(a) if Path(a).is_file() else a for a in requirements)
+
+
 def ensure_service_users(users: list[str], progress: Progress) -> list[str]:
     """System users the services run as: the distro packages create theirs; haflow creates the
     rest (`airflow`, `airflow-worker`), locked, without a login shell or home. Returns the users
     created."""
     created = []
-    for user in sorted(users, key=lambda u: u in PRIMARY_GROUP):  # a group's owner first
+    for user in users_in_creation_order(users):
         try:
             pwd.getpwnam(user)
             continue
@@ -142,9 +160,7 @@ def ensure_service_users(users: list[str], progress: Progress) -> list[str]:
             raise UserError(f"system user {user!r} is missing; create it with: "
                             f"sudo useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {user}")
         progress(f"creating system user {user}")
-        group = ["--gid", PRIMARY_GROUP[user]] if user in PRIMARY_GROUP else ["--user-group"]
-        _run(["useradd", "--system", *group, "--no-create-home", "--home-dir", "/nonexistent",
-              "--shell", "/usr/sbin/nologin", "--comment", "haflow service user", user], f"create system user {user}")
+        _run(useradd_argv(user), f"create system user {user}")
         created.append(user)
     return created
 
@@ -153,9 +169,7 @@ def ensure_venv(venv: Path, requirements: list[str], progress: Progress) -> bool
     """Create (or repair) a runtime venv with exactly these requirements; True if built.
     A marker written last makes an interrupted build be redone rather than trusted."""
     marker = venv / COMPLETE_MARKER
-    # A file argument (the constraints) counts by its content, not its path: a new clone of
-    # haflow ships the same file elsewhere and must not rebuild the venv.
-    wanted = "\n".join(_digest(a) if Path(a).is_file() else a for a in requirements)
+    wanted = venv_marker(requirements)
     if marker.exists() and marker.read_text() == wanted:
         return False
     if venv.exists():

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 from haflow.components.base import Needs, Venv
 from haflow.hosts import wheelhouse
 from haflow.hosts.base import Say
-from haflow.hosts.local_provision import COMPLETE_MARKER, PRIMARY_GROUP
+from haflow.hosts.local_provision import COMPLETE_MARKER, useradd_argv, users_in_creation_order, venv_marker
 
 if TYPE_CHECKING:
     from haflow.hosts.ssh import SshHost
@@ -28,12 +27,6 @@ BASE_PACKAGES = ("python3-venv",)  # venvs need ensurepip
 REMOTE_WHEELS = PurePosixPath("/var/cache/haflow/wheels")
 POLICY_RC = "/usr/sbin/policy-rc.d"
 POLICY_MARKER = "# haflow: packages being installed must not start their services (removed afterwards)"
-
-
-def _venv_wanted(venv: Venv) -> str:
-    """What a venv was built from: requirements, with a file (constraints) by its content."""
-    return "\n".join(hashlib.sha256(Path(a).read_bytes()).hexdigest() if Path(a).is_file() else a
-                     for a in venv.requirements)
 
 
 def _packages(needs: Needs) -> list[str]:
@@ -46,7 +39,7 @@ def missing(host: "SshHost", node: str, needs: Needs) -> list[str]:
     accounts = host.agent(node, "accounts", users=list(needs.users))["users"]
     out += [f"system user {u}" for u, ok in accounts.items() if not ok]
     markers = host.agent(node, "listdir", path="/", markers=[str(v.path / COMPLETE_MARKER) for v in needs.venvs])["markers"]
-    out += [f"runtime venv {v.path}" for v in needs.venvs if markers[str(v.path / COMPLETE_MARKER)] != _venv_wanted(v)]
+    out += [f"runtime venv {v.path}" for v in needs.venvs if markers[str(v.path / COMPLETE_MARKER)] != venv_marker(v.requirements)]
     return out
 
 
@@ -96,13 +89,11 @@ def _install_packages(host: "SshHost", node: str, packages: list[str], say: Say)
 def _ensure_users(host: "SshHost", node: str, users: list[str], say: Say) -> list[str]:
     exists = host.agent(node, "accounts", users=users)["users"]
     created = []
-    for user in sorted(users, key=lambda u: u in PRIMARY_GROUP):  # a group's owner first
+    for user in users_in_creation_order(users):
         if exists[user]:
             continue
-        group = f"--gid {PRIMARY_GROUP[user]}" if user in PRIMARY_GROUP else "--user-group"
         say(f"{node}: creating system user {user}")
-        r = host.sh(node, f"useradd --system {group} --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "
-                          f"--comment 'haflow service user' {shlex.quote(user)}")
+        r = host.sh(node, shlex.join(useradd_argv(user)))
         if not r.ok:
             raise wheelhouse.ProvisionError(f"{node}: could not create system user {user}: {r.stderr.strip()[-200:]}")
         created.append(f"{node}: created system user {user}")
@@ -111,7 +102,7 @@ def _ensure_users(host: "SshHost", node: str, users: list[str], say: Say) -> lis
 
 def _ensure_venv(host: "SshHost", node: str, venv: Venv, say: Say) -> list[str]:
     marker = venv.path / COMPLETE_MARKER
-    wanted = _venv_wanted(venv)
+    wanted = venv_marker(venv.requirements)
     if host.agent(node, "listdir", path="/", markers=[str(marker)])["markers"][str(marker)] == wanted:
         return []
     facts = host.facts(node)
