@@ -90,5 +90,6 @@ def write_section(r: dict) -> None:
     ]
     write_docs_section(ROOT / "docs/benchmarks.md", lines)
 
+
 if __name__ == "__main__":
     main()

@@ -116,16 +116,16 @@ class Cluster:
         for node in self.facts.node_names:
             desired = self.desired(node)
             self.applied.expect(node, desired)
-            changes = [c for c in self.host.plan(node, desired, diff=True)]
+            changes = self.host.plan(node, desired, diff=True)
             for machine in self.host.machines():
                 if node in machine.nodes:
                     changes += [c for c in self.host.plan(machine, rabbitmq.render_machine(
                         self.facts, self.host.machine_layout(machine), machine.nodes), diff=True) if c not in changes]
             paths = [c.path for c in changes]
             running = {s.name for s in desired.services if self.host.instance(node, s.name)}
-            restart = [s.name for s in desired.services if s.name in running and (
-                self.applied.stale(node, s.name, paths) or any(s.name in str(p) and p.suffix in (".service", ".env")
-                                                               for p in paths))]
+            redefined = {c.service for c in changes if c.service}
+            restart = [s.name for s in desired.services
+                       if s.name in running and (s.name in redefined or self.applied.stale(node, s.name, paths))]
             out[node] = {"files": [{"path": str(c.path), "what": c.what, "diff": c.diff} for c in changes],
                          "start": sorted({s.name for s in desired.services} - running), "restart": restart}
         return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from haflow.components import etcd
+from haflow.components import etcd, haproxy, rabbitmq
 from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Service, Venv
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
@@ -224,7 +224,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     def svc(name: str, argv: list[str], stop_timeout_s: int = 30, environment: dict[str, str] = e,
             as_user: str | None = user, cwd: Path = h) -> Service:
         return Service(name=name, argv=tuple(argv), env=environment, user=as_user, cwd=cwd, stop_timeout_s=stop_timeout_s,
-                       restart_files=restart, after=("haproxy", "rabbitmq"))
+                       restart_files=restart, after=(haproxy.NAME, rabbitmq.NAME))
 
     return DesiredState(
         dirs=[

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
+from haflow.components import etcd
 from haflow.components.base import DesiredState, Directory, File, Forks, LayerStatus, Needs, Package, Service, Venv
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
@@ -220,7 +221,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
                 restart_files=(conf,),
                 reload_signal="HUP",  # Patroni re-reads patroni.yml (and its etcd login) on SIGHUP
                 forks=postmaster(layout),
-                after=("etcd",),
+                after=(etcd.NAME,),
             )
         ],
     )

@@ -83,6 +83,7 @@ class Change:
     path: Path
     what: str  # "create", "update", "mode", "owner"
     diff: str | None = None  # a unified diff of a file's content, when asked for (secrets masked)
+    service: str | None = None  # the service this file defines (its unit, its environment), if any
 
 
 @runtime_checkable

@@ -78,7 +78,8 @@ class LocalHost:
     def __init__(self, state_dir: Path, cluster: str, nodes: tuple[str, ...] = (),
                  postgres_wanted: int | None = None) -> None:
         self.state_dir = state_dir
-        self.postgres_wanted = postgres_wanted  # the spec's; None: this machine's release's own
+        # the spec's version, else this machine's release's own (read once: layout is asked often)
+        self.postgres_version = distros.postgres_version(postgres_wanted, *distros.os_release())
         self.cluster = cluster
         self.nodes = tuple(nodes)
         self.run_base = runtime_base(state_dir)
@@ -113,7 +114,7 @@ class LocalHost:
             task_logs=shared / "airflow-task-logs",
             serve_task_logs=False,
             users=tuple(SERVICE_USERS.items()) if outside else (),
-            postgres_version=distros.postgres_version(self.postgres_wanted, *distros.os_release()),
+            postgres_version=self.postgres_version,
         )
 
     def services_outside(self) -> bool:

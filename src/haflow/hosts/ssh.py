@@ -276,7 +276,9 @@ class SshHost:
         node = _key(target)
         dirs, files = self._full_state(node, self._merged(node, desired, target))
         answer = self.agent(node, "apply", dry_run=True, diff=diff, dirs=_dirs_json(dirs), files=_files_json(files))
-        return [Change(node, Path(c["path"]), c["what"], c.get("diff")) for c in answer["changes"]]
+        defines = {str(p): name for name in self._merged_services(node)
+                   for p in (UNIT_DIR / self.unit(name), self.env_file(name))}
+        return [Change(node, Path(c["path"]), c["what"], c.get("diff"), defines.get(c["path"])) for c in answer["changes"]]
 
     def apply(self, target: Target, desired: DesiredState) -> list[Path]:
         node = _key(target)
