@@ -112,6 +112,12 @@ def test_a_killed_service_is_restarted_by_systemd_with_a_new_instance(lab):
         assert now is not None and now.id != killed[0].id
     finally:
         cluster.host.close()
+    # and the cluster as a whole recovers from the crash (the node's Airflow processes lost their
+    # database connections through that HAProxy) before the next test reads it
+    deadline = time.monotonic() + 180
+    while haflow("status", "-f", str(lab["spec_path"])).returncode != 0:
+        assert time.monotonic() < deadline, "the cluster did not recover from a killed HAProxy within 180 s"
+        time.sleep(3)
 
 
 def test_a_second_deploy_changes_nothing_and_a_dry_run_sees_nothing(lab):
