@@ -128,6 +128,19 @@ def test_second_up_changes_nothing(env):
     assert json.loads(r.stdout)["up"]["changed"] == []
 
 
+def diagnose(env, nodes) -> str:
+    """What a failed failover test needs to be understood from a CI log: each survivor's last
+    Patroni lines, the etcd members' health and Patroni's view of the cluster."""
+    cluster: Cluster = env["cluster"]
+    parts = [f"patroni /cluster: {patroni.cluster_view(cluster.facts)}"]
+    for node in nodes:
+        parts.append(f"etcd member {node.name} healthy: {etcd.member_health(node)}")
+        log = cluster.host.layout(node.name).logs / "patroni.log"
+        lines = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else ["(no log)"]
+        parts.append(f"--- {node.name} patroni.log tail ---\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
 def pids(cluster: Cluster) -> set[tuple[int, float]]:
     return {(r.pid, r.create_time) for n in cluster.facts.node_names for r in cluster.host.processes(n)}
 
@@ -269,7 +282,8 @@ def test_losing_the_leaders_node_loses_no_acknowledged_write_and_it_rejoins(env)
         if new_leader and new_leader != old_leader and writer.log.first_ack_after(killed_at + 0.5):
             break
         time.sleep(0.5)
-    assert new_leader and new_leader != old_leader, "no new leader"
+    survivors = [n for n in facts.nodes if n.name != old_leader]
+    assert new_leader and new_leader != old_leader, f"no new leader\n{diagnose(env, survivors)}"
     # Patroni's on_role_change callback moved etcd's raft leadership off the new primary's node.
     deadline = time.time() + 15
     while time.time() < deadline and etcd.leader_name(facts) in (new_leader, None):
