@@ -128,6 +128,20 @@ def test_second_up_changes_nothing(env):
     assert json.loads(r.stdout)["up"]["changed"] == []
 
 
+def wait_database_healthy(env, timeout_s: float = 180) -> dict:
+    """The database layer whole again: a leader and a streaming synchronous standby. In
+    synchronous mode Patroni promotes only the standby named in etcd's /sync key, so a leader
+    lost before a new standby is named (seconds after a switchover, longer on a loaded machine)
+    is not replaced at all: a test that kills one must wait for this first."""
+    deadline = time.time() + timeout_s
+    while True:
+        db = status(env)["layers"]["database"]
+        if db["healthy"] or time.time() > deadline:
+            assert db["healthy"], db
+            return db
+        time.sleep(1)
+
+
 def diagnose(env, nodes) -> str:
     """What a failed failover test needs to be understood from a CI log: each survivor's last
     Patroni lines, the etcd members' health and Patroni's view of the cluster."""
@@ -256,7 +270,7 @@ def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_
 def test_losing_the_leaders_node_loses_no_acknowledged_write_and_it_rejoins(env):
     cluster: Cluster = env["cluster"]
     facts = cluster.facts
-    before = status(env)["layers"]["database"]
+    before = wait_database_healthy(env)  # the switchover before left no synchronous standby for a while
     old_leader = before["leader"]
     survivor = next(n for n in facts.nodes if n.name != old_leader)
     su = superuser(env)

@@ -31,6 +31,9 @@ def login_works(base: str, secrets: Secrets, timeout: float = 10.0) -> bool | No
     return r.status_code in (200, 201) if r.status_code < 500 else None
 
 
+BALANCER_HAS_NO_SERVER = (502, 503, 504)
+
+
 class ApiClient:
     """The Airflow REST API through one balancer, as the generated admin."""
 
@@ -42,14 +45,20 @@ class ApiClient:
         self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
 
     def get(self, path: str, attempts: int = 5) -> httpx.Response:
-        """GET is idempotent: retried when an api-server dies under the request."""
+        """GET is idempotent: retried when an api-server dies under the request, or when the
+        balancer answers for it that none is up right now (502-504, e.g. a busy machine failing
+        a health check or two)."""
         for attempt in range(attempts):
+            last = attempt == attempts - 1
             try:
-                return self.http.get(f"{self.base}/api/v2{path}")
+                r = self.http.get(f"{self.base}/api/v2{path}")
             except httpx.TransportError:
-                if attempt == attempts - 1:
+                if last:
                     raise
-                time.sleep(1)
+            else:
+                if r.status_code not in BALANCER_HAS_NO_SERVER or last:
+                    return r
+            time.sleep(1)
         raise AssertionError("unreachable")
 
     def post(self, path: str, body: dict[str, Any], attempts: int = 5) -> httpx.Response:
@@ -106,7 +115,11 @@ def run_dag(client: ApiClient, dag_id: str, timeout: float, say: Say = lambda _:
     state = "queued"
     while state not in ("success", "failed") and time.monotonic() < deadline:
         time.sleep(1)
-        state = client.run_state(dag_id, run_id)
+        try:
+            state = client.run_state(dag_id, run_id)
+        except httpx.HTTPStatusError as e:  # a balancer without an api-server for a moment: ask again
+            if e.response.status_code not in BALANCER_HAS_NO_SERVER:
+                raise
     tis = client.task_instances(dag_id, run_id)
     return {
         "dag_id": dag_id,
