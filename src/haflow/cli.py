@@ -25,6 +25,7 @@ from haflow.cluster import EXAMPLE_TIMEOUT_S, Cluster
 from haflow.components import airflow_api
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL as SCENARIO_NAMES
+from haflow.drills.scenarios import runnable as runnable_scenarios
 from haflow.errors import HaflowError, UserError
 from haflow.lab import Lab
 from haflow.lab import image as lab_image
@@ -314,18 +315,21 @@ def switchover(spec_file: Path | None, state_dir: Path | None, to: str | None, a
 @click.argument("scenario", type=click.Choice([*SCENARIO_NAMES, "all"]), metavar="SCENARIO")
 @click.option("--node", help="The victim node (default: where the scenario hurts most, e.g. the primary's node).")
 @click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True, help="Run the scenario(s) this many times.")
-@click.option("--hold", "hold_s", type=click.FloatRange(0, 3600), default=20.0, show_default=True, help="node-crash: seconds the node stays down.")
+@click.option("--hold", "hold_s", type=click.FloatRange(0, 3600), default=20.0, show_default=True,
+              help="node-crash: seconds the node stays down; node-partition: seconds the cut is held after the majority has a new primary.")
 @click.option("--json", "as_json", is_flag=True, help="Print every drill's measurements, invariants and timeline as JSON.")
 @handle_errors
 def drill(spec_file: Path | None, state_dir: Path | None, scenario: str, node: str | None, repeat: int, hold_s: float,
           as_json: bool) -> None:
     """Kill part of the running cluster under load and measure recovery; exit 1 if an invariant broke.
 
-    SCENARIO: db-primary-crash, node-crash, broker-node-crash, scheduler-crash, api-server-crash,
-    worker-crash, etcd-leader-crash, switchover, or all (each in turn)."""
+    SCENARIO: db-primary-crash, node-crash (a server with nodes[].control power commands is
+    powered off hard), node-partition (servers with nodes[].control isolate/heal only),
+    broker-node-crash, scheduler-crash, api-server-crash, worker-crash, etcd-leader-crash,
+    switchover, or all (each in turn that the spec can run)."""
     progress = Progress()  # one clock for the drill's steps and the `up` that brings a node back
     cluster = make_cluster(spec_file, state_dir, progress)
-    names = SCENARIO_NAMES if scenario == "all" else [scenario]
+    names = runnable_scenarios(cluster.spec) if scenario == "all" else [scenario]
     if node is not None:
         cluster.facts.node(node)  # bad input first: exit 2 naming the known nodes
     results = []
@@ -514,6 +518,41 @@ def lab_status(as_json: bool) -> None:
         for h in st["hosts"]:
             out.print(f"{h['name']:6} {h['address']:12} {h['role']:8} {'running' if h['running'] else 'DOWN'}")
     sys.exit(0 if st["up"] and all(h["running"] for h in st["hosts"]) else 1)
+
+
+@lab.command("poweroff")
+@click.argument("name")
+@handle_errors
+def lab_poweroff(name: str) -> None:
+    """Power a host off hard: its init is SIGKILLed, every process of the host dies at once."""
+    Lab().poweroff(name)
+    out.print(f"{name} powered off")
+
+
+@lab.command("start")
+@click.argument("name")
+@handle_errors
+def lab_start(name: str) -> None:
+    """Boot a powered-off host again (its disk kept); its enabled services start by themselves."""
+    Lab().start(name)
+    out.print(f"{name} started")
+
+
+@lab.command("isolate")
+@click.argument("name")
+@handle_errors
+def lab_isolate(name: str) -> None:
+    """Cut a host off from every other host and from this machine (packets dropped, link up)."""
+    Lab().isolate(name)
+    out.print(f"{name} isolated (`haflow lab heal` reconnects it)")
+
+
+@lab.command("heal")
+@handle_errors
+def lab_heal() -> None:
+    """Reconnect every isolated host."""
+    Lab().heal()
+    out.print("every lab host reconnected")
 
 
 @lab.command("down")

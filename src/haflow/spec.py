@@ -81,10 +81,46 @@ class Ssh(_Strict):
         return v
 
 
+class Control(_Strict):
+    """Out-of-band control of a server, for the drills that a server cannot do to itself: power
+    it off hard and on again, cut it off the network and heal it. Each is a command run on this
+    (the control) machine, as a list of arguments; `{node}` and `{address}` in them are replaced.
+    A hypervisor's or cloud's CLI (`virsh destroy`/`virsh start`, `qm stop`/`qm start`, ...) or the
+    lab's (`haflow lab up` writes them)."""
+
+    power_off: list[str] | None = None
+    power_on: list[str] | None = None
+    isolate: list[str] | None = None
+    heal: list[str] | None = None
+
+    @field_validator("power_off", "power_on", "isolate", "heal")
+    @classmethod
+    def _argv(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not v[0].strip()):
+            raise ValueError("give the command as a non-empty list of arguments, e.g. [virsh, destroy, '{node}']")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "Control":
+        for a, b in (("power_off", "power_on"), ("isolate", "heal")):
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                given, missing = (a, b) if getattr(self, a) is not None else (b, a)
+                raise ValueError(f"{given} without {missing}: a drill must be able to undo what it does; give both")
+        return self
+
+
 class Node(_Strict):
     name: str
     address: str
     ssh: Ssh | None = None  # every node or none: a spec is all-local (`up`) or all-SSH (`deploy`)
+    control: Control | None = None  # SSH nodes only: power and network control for the drills
+
+    @model_validator(mode="after")
+    def _control_needs_ssh(self) -> "Node":
+        if self.control is not None and self.ssh is None:
+            raise ValueError("control is for servers reached over SSH (the drills on local nodes need none); "
+                             "remove it or give the node `ssh`")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -179,6 +215,10 @@ class Broker(_Strict):
     # A task's message stays unacknowledged while the task runs (acks_late): RabbitMQ closes a
     # consumer that holds one longer than this. It must outlast the longest task.
     consumer_timeout_s: _bounded(60, 30 * 86400, " s", "it must outlast the longest task") = 8 * 3600
+    # How long RabbitMQ nodes take to notice a peer that answers nothing (power loss, partition):
+    # Erlang's 60 s default stalls the majority's queues that long (measured on the lab); the
+    # RabbitMQ team's own partition tests use 15.
+    net_ticktime_s: _bounded(5, 120, " s", "15 is what RabbitMQ's partition tests use") = 15
 
 
 AIRFLOW_RE = re.compile(r"3\.3\.\d{1,3}")

@@ -62,7 +62,10 @@ def env():
     cluster.host.purge()  # the state dir and what lives outside it (DB, service folders, sockets)
 
 
-@pytest.mark.parametrize("scenario", ALL)
+LOCAL = [n for n in ALL if not scenarios.SCENARIOS[n].needs]  # node-partition needs servers with network control
+
+
+@pytest.mark.parametrize("scenario", LOCAL)
 def test_drill_keeps_every_invariant(env, scenario):
     spec, _ = env
     args = ["drill", scenario, "--json"] + (["--hold", "10"] if scenario == "node-crash" else [])

@@ -190,6 +190,40 @@ def test_a_restart_parameter_rolls_node_by_node_while_writes_continue(lab, tmp_p
         assert out.strip() == "210", (h["name"], out)
 
 
+def drill(lab, *args: str) -> dict:
+    r = haflow("drill", *args, "--json", "-f", str(lab["spec_path"]))
+    assert r.stdout.strip(), r.stderr[-4000:]
+    result = json.loads(r.stdout)
+    why = (result["violations"], result["timeline"], r.stderr[-3000:])
+    assert r.returncode == 0 and result["ok"], why
+    assert result["fault_took_effect"] and result["acknowledged_writes_lost"] == 0, why
+    assert result["canary_runs_found"] == result["canary_triggers_acknowledged"] > 0, why
+    return result
+
+
+def test_node_crash_powers_the_primarys_server_off_and_it_rejoins_by_itself(lab):
+    """A real power-off (the host's init SIGKILLed, through nodes[].control): the majority takes
+    over, and the server, booted again, brings its node back with its own systemd, no deploy."""
+    result = drill(lab, "node-crash", "--hold", "15")
+    events = [e["event"] for e in result["timeline"]]
+    assert any("powered off hard" in e for e in events) and any("booted" in e for e in events), events
+    assert not any("haflow up" in e for e in events), events
+    assert result["recovered_s"] is not None
+
+
+def test_node_partition_the_isolated_primary_acknowledges_no_write_and_rejoins(lab):
+    """The primary's server cut off from everyone (this machine too): the majority elects a
+    primary, the old one refuses writes made on its own server, and after the heal it rejoins."""
+    result = drill(lab, "node-partition", "--hold", "10")
+    assert result["split_brain"] is False and result["isolated_primary_writes_acknowledged"] == 0, result["timeline"]
+    assert result["isolated_writes_attempted"] > 0 and result["isolated_primary_refuses_writes_s"] is not None
+    assert result["majority_primary"] not in (None, result["node"])
+    # the old primary's server rejoined: every layer healthy, its PostgreSQL a streaming replica
+    snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)
+    member = next(m for m in snap["layers"]["database"]["members"] if m["node"] == result["node"])
+    assert member["role"] in ("replica", "sync_standby") and member["state"] == "streaming", snap
+
+
 def test_down_stops_every_unit_and_purge_removes_the_cluster(lab):
     r = haflow("down", "-f", str(lab["spec_path"]))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -85,6 +85,42 @@ def test_a_powered_off_host_is_reported_and_the_others_still_work(lab):
         asyncio.run(lab._ready(lab.host("lab3")))
 
 
+def test_a_connection_to_a_host_powered_off_fails_fast_and_is_replaced_after_it_boots(lab):
+    """An open connection to a dead server: the command fails within the keepalive window (not
+    its own 600 s timeout), and once the server is back the same pool reconnects by itself."""
+    async def before_and_during():
+        p = pool(lab)
+        assert (await p.run("lab3", "true")).ok  # the connection is open and cached
+        lab.poweroff("lab3")
+        t = time.monotonic()
+        try:
+            await p.run("lab3", "true", timeout=60)
+            failed_with = None
+        except Exception as e:  # noqa: BLE001 - which error it is depends on where the write hangs
+            failed_with = type(e).__name__
+        return p, failed_with, time.monotonic() - t
+
+    async def after(p):
+        try:
+            return await p.run("lab3", "cat /proc/sys/kernel/random/boot_id")
+        finally:
+            await p.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        p, failed_with, took = loop.run_until_complete(before_and_during())
+        assert failed_with is not None and took < 30, (failed_with, took)
+        lab.start("lab3")
+        loop.run_until_complete(lab._ready(lab.host("lab3")))
+        r = loop.run_until_complete(after(p))
+        assert r.ok and r.stdout.strip()
+    finally:
+        loop.close()
+        if not lab.host("lab3").running():
+            lab.start("lab3")
+            asyncio.run(lab._ready(lab.host("lab3")))
+
+
 def test_an_address_outside_the_lab_is_refused_before_connecting(lab):
     async def go():
         p = SshPool([SshTarget("x", "192.0.2.10")], check=net.check_route)

@@ -76,6 +76,7 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str
         "log.file = false",
         f"cluster_name = {facts.name}",
         "cluster_partition_handling = pause_minority",
+        f"net_ticktime = {spec.broker.net_ticktime_s}",
         # Airflow acks a task's message when the task ends (acks_late): the timeout must exceed
         # the longest task, or RabbitMQ closes the worker's channel (apache/airflow#15799).
         f"consumer_timeout = {spec.broker.consumer_timeout_s * 1000}",

@@ -26,13 +26,16 @@ import psycopg
 from haflow import status
 from haflow.cluster import Cluster
 from haflow.components import airflow, airflow_api, postgres
-from haflow.drills import canary
+from haflow.components import patroni
+from haflow.drills import canary, control
+from haflow.drills.isolated_writer import IsolatedLog, IsolatedWriter
 from haflow.drills.monitor import Monitor, Timeline
 from haflow.drills.scenarios import SCENARIOS, Fault, Scenario, took_effect
 from haflow.drills.writer import Writer, lost_writes
 from haflow.errors import ClusterUnhealthy, UserError
 
 Say = Callable[[str], None]
+PARTITION_NEW_PRIMARY_TIMEOUT_S = 120  # node-partition: the cut is healed after this even without a new primary
 
 
 @dataclass
@@ -111,6 +114,8 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     opts = opts or DrillOptions()
     if opts.node is not None:
         cluster.facts.node(opts.node)  # unknown node -> UserError naming the known ones
+    for n in [opts.node] if opts.node else cluster.facts.node_names:
+        control.require(cluster.spec, n, scenario.needs, name)
 
     down = [n for n in cluster.facts.node_names if not cluster.host.running(n)]
     if down:
@@ -139,19 +144,27 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     monitor.start()
     fault: Fault | None = None
     effect: tuple[bool, str] = (False, "no fault was struck")
-    t0 = back_at = healthy_at = None
+    t0 = back_at = healthy_at = cut_at = None
+    on_victim: IsolatedWriter | None = None
+    seen: dict[str, Any] = {}  # what bringing the victim back observed (node-partition: the majority's primary)
+    isolated_log: IsolatedLog | None = None
     try:
         _wait_flowing(cluster, writer, prefix)
         time.sleep(opts.warmup_s)
         victim = opts.node or scenario.pick(cluster)
+        if scenario.needs == control.NETWORK:
+            on_victim = _start_isolated_writer(cluster, victim, opts, say, name)
         say(f"[{name}] fault on {victim}")
         t0 = time.time()
         fault = scenario.strike(cluster, victim)
+        cut_at = time.time()  # a write begun after this cannot reach a server on the other side
         timeline.add(f"fault: {fault.what}", t0)
+        if fault.isolated or fault.powered_off:
+            timeline.add(f"{'cut' if fault.isolated else 'power-off'} in effect (its nodes[].control command returned)", cut_at)
         effect = took_effect(cluster, fault)
         if not effect[0]:
             say(f"[{name}] the fault did not take effect: {effect[1]}")
-        back_at = _bring_back(cluster, fault, t0, opts, timeline, say, name)
+        back_at = _bring_back(cluster, fault, t0, opts, timeline, say, name, seen)
         say(f"[{name}] waiting for the cluster to be healthy again")
         healthy_at, snap = wait_healthy(cluster, opts.recover_timeout_s, after=back_at or t0)
         if healthy_at is not None:
@@ -164,6 +177,8 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         monitor.stop()
         if fault is not None and fault.held_down and back_at is None:
             say(f"[{name}] {fault.node} is still down: `haflow up` brings it back")
+        if on_victim is not None:
+            isolated_log = _stop_isolated_writer(on_victim, fault, say, name)
     say(f"[{name}] load off; waiting for every canary run to finish")
     af = cluster.spec.airflow
     drain_s = af.task_heartbeat_timeout_s + af.task_queued_timeout_s + 120
@@ -175,12 +190,103 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         tries = canary.retries(conn, prefix)
         lost = lost_writes(wlog, postgres.live_primary_endpoint(cluster.facts), account.username, account.password,
                            cluster.facts.airflow_db)
-    return _report(name, scenario, fault, effect, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis,
-                   tries, lost, timeline, status.problems(snap) if healthy_at is None else [])
+    extra, extra_violations = (_partition_verdict(isolated_log, cut_at, timeline, seen) if on_victim is not None
+                               else ({}, []))
+    report = _report(name, scenario, fault, effect, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis,
+                     tries, lost, timeline, status.problems(snap) if healthy_at is None else [])
+    violations = report["violations"] + extra_violations
+    return {**report, **extra, "ok": not violations, "violations": violations}
+
+
+def _start_isolated_writer(cluster: Cluster, victim: str, opts: DrillOptions, say: Say, name: str) -> IsolatedWriter:
+    """The writer on the victim's own server, writing into its PostgreSQL, acknowledged at least
+    once before the cut (it proves it can)."""
+    writer = IsolatedWriter(cluster, victim, run_id=int(time.time()) + 1)
+    say(f"[{name}] starting a writer on {victim} itself, into its PostgreSQL")
+    writer.start(duration_s=opts.recover_timeout_s + PARTITION_NEW_PRIMARY_TIMEOUT_S + opts.hold_s + 120)
+    deadline = time.monotonic() + 30
+    while not writer.read().acknowledged_before(time.time()):
+        if time.monotonic() > deadline:
+            writer.stop()
+            raise ClusterUnhealthy(f"the writer on {victim} got no write acknowledged by its own PostgreSQL in 30 s; "
+                                   "see `journalctl -u haflow-drill-*` on the server")
+        time.sleep(1)
+    return writer
+
+
+def _stop_isolated_writer(writer: IsolatedWriter, fault: Fault | None, say: Say, name: str) -> IsolatedLog | None:
+    try:
+        return writer.stop()
+    except Exception as e:  # the server may still be cut off: say so, the verdict counts it as unknown
+        say(f"[{name}] could not read the writer's log on {writer.node}: {e}")
+        return None
+
+
+def _partition_verdict(log: IsolatedLog | None, cut_at: float | None, timeline: Timeline,
+                       seen: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """node-partition: the majority elected its own primary, and the isolated old primary
+    acknowledged no write after the cut (it must refuse them once it cannot reach a majority),
+    measured by the writer on its own server."""
+    majority = {"majority_primary": seen.get("majority_primary"), "majority_primary_s": seen.get("majority_primary_s")}
+    violations = [] if majority["majority_primary"] else [
+        f"the majority elected no primary within {PARTITION_NEW_PRIMARY_TIMEOUT_S} s of the cut"]
+    if log is None or cut_at is None:
+        return ({**majority, "isolated_primary_writes_acknowledged": None, "isolated_primary_refuses_writes_s": None,
+                 "split_brain": None, "isolated_writes_attempted": 0},
+                violations + ["the writer on the isolated server left no log: its writes after the cut are unknown"])
+    acked_after = len(log.acknowledged_after(cut_at))
+    refused = log.first_refusal_after(cut_at)
+    if refused is not None:
+        timeline.add("the isolated old primary refuses writes (first error seen by the writer on it)", refused)
+    else:
+        violations.append("the isolated old primary never refused a write after the cut")
+    if acked_after:
+        violations.append(f"split brain: the isolated old primary acknowledged {acked_after} writes after the cut")
+    return ({**majority, "isolated_primary_writes_acknowledged": acked_after,
+             "isolated_primary_refuses_writes_s": round(refused - cut_at, 2) if refused is not None else None,
+             "split_brain": acked_after > 0,
+             "isolated_writes_attempted": len(log.attempts)}, violations)
+
+
+def _heal_after_new_primary(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions, timeline: Timeline,
+                            say: Say, name: str, seen: dict[str, Any]) -> float:
+    """Hold the cut until the majority has its own primary (or the wait runs out), then
+    `hold_s` longer, then heal."""
+    say(f"[{name}] {fault.node} is cut off; waiting for the majority to elect a primary")
+    deadline = time.monotonic() + PARTITION_NEW_PRIMARY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        leader = patroni.probe(cluster.facts).leader
+        if leader is not None and leader != fault.node:
+            timeline.add(f"the majority's primary: {leader}")
+            seen["majority_primary"], seen["majority_primary_s"] = leader, round(time.time() - since, 2)
+            break
+        time.sleep(0.5)
+    say(f"[{name}] holding the cut {opts.hold_s:.0f} s more")
+    time.sleep(opts.hold_s)
+    control.run(cluster.spec, fault.node, "heal")
+    back = time.time()
+    timeline.add(f"{fault.node} reconnected (nodes[].control.heal)", back)
+    return back
 
 
 def _bring_back(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions, timeline: Timeline, say: Say,
-                name: str) -> float | None:
+                name: str, seen: dict[str, Any]) -> float | None:
+    if fault.isolated:
+        return _heal_after_new_primary(cluster, fault, since, opts, timeline, say, name, seen)
+    if fault.powered_off:
+        say(f"[{name}] {fault.node} stays off for {opts.hold_s:.0f} s")
+        time.sleep(opts.hold_s)
+        control.run(cluster.spec, fault.node, "power_on")
+        timeline.add(f"{fault.node} powered on (nodes[].control.power_on)")
+        say(f"[{name}] {fault.node} is booting; its services start by themselves")
+        deadline = time.monotonic() + opts.recover_timeout_s
+        while time.monotonic() < deadline:
+            if cluster.host.running(fault.node):
+                back = time.time()
+                timeline.add(f"{fault.node} booted: its services run again (started by its own init)", back)
+                return back
+            time.sleep(1)
+        return None
     if fault.held_down:
         say(f"[{name}] {fault.node} stays down for {opts.hold_s:.0f} s")
         time.sleep(opts.hold_s)

@@ -1,5 +1,6 @@
-"""The faults a drill injects: each is a real SIGKILL through the host's fault verbs (or, for
-`switchover`, the planned operation), on the node where it hurts most unless `--node` says
+"""The faults a drill injects: a real SIGKILL through the host's fault verbs, a server powered
+off hard or cut off the network through the spec's out-of-band control (drills/control.py), or,
+for `switchover`, the planned operation; on the node where it hurts most unless `--node` says
 otherwise.
 
 A scenario picks its victim (`pick`) and strikes (`strike`); the strike returns a `Fault`
@@ -19,8 +20,10 @@ import psycopg
 
 from haflow.cluster import Cluster
 from haflow.components import airflow, etcd, patroni, postgres, rabbitmq
+from haflow.drills import control
 from haflow.errors import ClusterUnhealthy
 from haflow.hosts.base import Instance
+from haflow.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Fault:
     killed: tuple[Instance, ...] = ()  # the instances the strike killed
     held_down: bool = False  # the node stays down until the runner brings it back
     switched_to: str | None = None  # switchover: the node that must now be the primary
+    powered_off: bool = False  # the server itself is off (power control), not only its services
+    isolated: bool = False  # the server is cut off the network (held, then healed)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Scenario:
     pick: Callable[[Cluster], str]  # the default victim node
     strike: Callable[[Cluster, str], Fault]
     watch_broker: bool = False
+    needs: tuple[str, ...] = ()  # the nodes[].control actions the drill cannot run without
 
 
 def _primary(cluster: Cluster) -> str:
@@ -93,8 +99,20 @@ def _kill(service: str, label: str) -> Callable[[Cluster, str], Fault]:
 
 
 def _crash_node(cluster: Cluster, node: str) -> Fault:
+    """A server with power control is powered off hard; otherwise every service of the node
+    is SIGKILLed (a local node: its supervisord and everything under it)."""
+    if control.can(cluster.spec, node, control.POWER):
+        control.run(cluster.spec, node, "power_off")
+        return Fault(node, f"{node} powered off hard (nodes[].control.power_off), held down", held_down=True,
+                     powered_off=True)
     count = cluster.host.kill_node(node)
     return Fault(node, f"SIGKILL every process of {node} ({count}), held down", held_down=True)
+
+
+def _partition(cluster: Cluster, node: str) -> Fault:
+    control.require(cluster.spec, node, control.NETWORK, "node-partition")
+    control.run(cluster.spec, node, "isolate")
+    return Fault(node, f"{node} cut off from every other server and from this machine", isolated=True)
 
 
 def _switchover(cluster: Cluster, node: str) -> Fault:
@@ -109,6 +127,10 @@ def took_effect(cluster: Cluster, fault: Fault) -> tuple[bool, str]:
     service's instance is gone or replaced, a crashed node has no process left, a switchover
     moved the primary. Returns (ok, why not)."""
     host = cluster.host
+    if fault.powered_off or fault.isolated:
+        if control.answers(cluster.spec, fault.node):
+            return False, f"{fault.node} still answers on its SSH port after {'the power-off' if fault.powered_off else 'the cut'}"
+        return True, ""
     if fault.held_down:
         left = host.leftovers(fault.node, timeout=0)
         if host.running(fault.node) or left:
@@ -133,6 +155,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _kill(patroni.NAME, "Patroni and PostgreSQL")),
     Scenario("node-crash", "every process of the primary's node dies and stays down, then the node is brought back",
              _primary, _crash_node, watch_broker=True),
+    Scenario("node-partition", "the primary's server is cut off from every other server and this machine, then healed",
+             _primary, _partition, watch_broker=True, needs=control.NETWORK),
     Scenario("broker-node-crash", "the RabbitMQ node leading the task queue dies", _queue_leader,
              _kill(rabbitmq.NAME, "RabbitMQ"), watch_broker=True),
     Scenario("scheduler-crash", "one scheduler dies", _first_node, _kill(airflow.SCHEDULER, "the scheduler")),
@@ -143,3 +167,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("switchover", "a planned primary change through Patroni", _primary, _switchover),
 ]}
 ALL = list(SCENARIOS)
+
+
+def runnable(spec: Spec) -> list[str]:
+    """The scenarios the spec's nodes can undergo (node-partition needs network control)."""
+    return [name for name, sc in SCENARIOS.items() if all(control.can(spec, n.name, sc.needs) for n in spec.nodes)]

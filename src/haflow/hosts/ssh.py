@@ -46,6 +46,7 @@ UNIT_DIR = Path("/etc/systemd/system")
 TMPFILES_DIR = Path("/etc/tmpfiles.d")
 ACTIVE = {"active", "activating", "reloading", "deactivating"}
 JOURNAL_LINES = 15
+PROBE_TIMEOUT_S = 8
 
 
 class RemoteError(HaflowError):
@@ -95,7 +96,7 @@ class SshHost:
         """A shell command on the node's server, as root."""
         try:
             return self._await(self.pool.run(node, command, stdin, timeout))
-        except (OSError, asyncio.TimeoutError) as e:
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             raise RemoteError(f"{node}: cannot reach {self.pool.targets[node].host} over SSH ({type(e).__name__}: {e}); "
                               "check the server is up and `ssh` to it works, then re-run") from None
 
@@ -105,9 +106,11 @@ class SshHost:
         except (OSError, asyncssh.Error) as e:
             raise RemoteError(f"{node}: copying files to {remote_dir} failed: {e}") from None
 
-    def agent(self, node: str, verb: str, **request: Any) -> dict[str, Any]:
-        """One request to the helper on the node's server (data/host_agent.py)."""
-        r = self.sh(node, f"python3 -c {shlex.quote(self._agent)}", json.dumps({"verb": verb, **request}))
+    def agent(self, node: str, verb: str, wait_s: float = 600, **request: Any) -> dict[str, Any]:
+        """One request to the helper on the node's server (data/host_agent.py); `wait_s` bounds
+        the round trip (a request's own `timeout` is the helper's)."""
+        wait_s = max(wait_s, float(request.get("timeout") or 0) + 30)
+        r = self.sh(node, f"python3 -c {shlex.quote(self._agent)}", json.dumps({"verb": verb, **request}), wait_s)
         try:
             answer = json.loads(r.stdout)
         except ValueError:
@@ -377,13 +380,13 @@ class SshHost:
         return " | ".join(r.stdout.strip().splitlines()[-lines:])
 
     def unit_states(self, node: str, units: list[str], paths: dict[str, list[str]] | None = None,
-                    glob: bool = False) -> dict[str, Any]:
+                    glob: bool = False, timeout: float = 600) -> dict[str, Any]:
         """systemd's view of `units` (with `glob`: also every unit of this cluster installed on the
         server, and its target); a unit is `changed_since_start` when one of its `paths` was
         written after it started."""
         pattern = f"haflow-{self.cluster}-*.service" if glob else None
         extra = [self.target_unit] if glob else []
-        return self.agent(node, "units", units=sorted({*units, *extra}), paths=paths or {}, glob=pattern,
+        return self.agent(node, "units", timeout, units=sorted({*units, *extra}), paths=paths or {}, glob=pattern,
                           unit_dir=str(UNIT_DIR))["units"]
 
     def _definition_paths(self, node: str) -> dict[str, list[str]]:
@@ -415,7 +418,8 @@ class SshHost:
     def running(self, target: Target) -> bool:
         node = _key(target)
         try:
-            states = self.unit_states(node, self._units(node), glob=True)
+            # short: status asks this of a server that may be powered off or cut off
+            states = self.unit_states(node, self._units(node), glob=True, timeout=PROBE_TIMEOUT_S)
         except RemoteError:
             return False
         return any(st["active"] in ACTIVE for st in states.values())

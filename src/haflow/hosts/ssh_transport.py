@@ -22,6 +22,11 @@ from dataclasses import dataclass
 import asyncssh
 
 CONNECT_TIMEOUT_S = 10
+# A powered-off or cut-off server answers nothing: without keepalives a command on its open
+# connection would wait for the command's own timeout. With these, a dead connection is found
+# within about 6 s and the next command reconnects.
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT_MAX = 3
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class SshPool:
         t = self.targets[name]
         if self.check:
             self.check(t.host)
-        options = {"username": t.user, "port": t.port, "connect_timeout": CONNECT_TIMEOUT_S}
+        options = {"username": t.user, "port": t.port, "connect_timeout": CONNECT_TIMEOUT_S,
+                   "keepalive_interval": KEEPALIVE_INTERVAL_S, "keepalive_count_max": KEEPALIVE_COUNT_MAX}
         if t.key:
             options["client_keys"] = [t.key]
         if t.known_hosts:
@@ -74,11 +80,33 @@ class SshPool:
     def _as_root(self, name: str, command: str) -> str:
         return command if self.targets[name].user == "root" else f"sudo -n sh -c {shlex.quote(command)}"
 
+    def forget(self, name: str) -> None:
+        """Drop the host's connection (it died: the host was powered off or cut off); the next
+        command connects again."""
+        conn = self._conns.pop(name, None)
+        if conn is not None:
+            conn.abort()
+
     async def run(self, name: str, command: str, stdin: str | bytes | None = None, timeout: float = 600) -> Result:
-        """A shell command on the host, as root; never raises for a non-zero exit."""
+        """A shell command on the host, as root; never raises for a non-zero exit. A connection
+        found dead (the host rebooted or was cut off) is replaced once; a command that times out
+        drops its connection, which may be the reason."""
+        reused = name in self._conns
+        try:
+            return await asyncio.wait_for(self._run(name, command, stdin), timeout)
+        except asyncio.TimeoutError:
+            self.forget(name)
+            raise
+        except (asyncssh.Error, OSError):
+            self.forget(name)
+            if not reused:
+                raise
+        return await asyncio.wait_for(self._run(name, command, stdin), timeout)
+
+    async def _run(self, name: str, command: str, stdin: str | bytes | None) -> Result:
         conn = await self._connect(name)
-        r = await asyncio.wait_for(conn.run(self._as_root(name, command), input=stdin, check=False,
-                                            encoding=None if isinstance(stdin, bytes) else "utf-8"), timeout)
+        r = await conn.run(self._as_root(name, command), input=stdin, check=False,
+                           encoding=None if isinstance(stdin, bytes) else "utf-8")
         out, err = r.stdout or "", r.stderr or ""
         if isinstance(out, bytes):
             out, err = out.decode(errors="replace"), (err or b"").decode(errors="replace")

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -153,8 +154,9 @@ class Lab:
 
         data = yaml.safe_load(default_spec_text())
         data["cluster"] = "lab"
-        data["nodes"] = [{"name": h.name, "address": h.address, "ssh": {"user": "root", "key": str(self.run / KEY),
-                                                                             "known_hosts": str(self.run / KNOWN_HOSTS)}}
+        data["nodes"] = [{"name": h.name, "address": h.address,
+                          "ssh": {"user": "root", "key": str(self.run / KEY), "known_hosts": str(self.run / KNOWN_HOSTS)},
+                          "control": control_commands(h.name)}
                          for h in self.hosts()]
         data["etcd"]["members"] = [h.name for h in self.hosts()]
         atomic_write(self.run / SPEC, "# written by `haflow lab up`: the lab's hosts\n" + yaml.safe_dump(data, sort_keys=False), 0o600)
@@ -173,16 +175,20 @@ class Lab:
         }
 
     def poweroff(self, name: str) -> None:
+        check_can_run()
         self.host(name).poweroff()
 
     def start(self, name: str) -> None:
+        check_can_run()
         rec = self.record() or {}
         self.host(name).start(image.base_dir(self.cache, rec.get("release", image.DEFAULT_RELEASE)))
 
     def isolate(self, name: str) -> None:
+        check_can_run()
         net.isolate(self.host(name).veth)
 
     def heal(self) -> None:
+        check_can_run()
         net.heal()
 
     # --- down ---------------------------------------------------------------------------------------
@@ -215,6 +221,14 @@ class Lab:
         mounts = Path("/proc/mounts").read_text()
         left += [f"mount {line.split()[1]}" for line in mounts.splitlines() if str(self.root) in line]
         return left
+
+
+def control_commands(name: str) -> dict[str, list[str]]:
+    """The spec's `nodes[].control` for a lab host: this haflow's own lab verbs (the drills run
+    them to power the host off and on and to cut it off the network)."""
+    haflow = [sys.executable, "-m", "haflow.cli", "lab"]
+    return {"power_off": [*haflow, "poweroff", name], "power_on": [*haflow, "start", name],
+            "isolate": [*haflow, "isolate", name], "heal": [*haflow, "heal"]}
 
 
 def check_can_run(install: bool = False, say: Say = lambda _: None) -> None:

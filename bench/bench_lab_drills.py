@@ -1,0 +1,130 @@
+"""Benchmark of the real-network drills on the lab: `node-crash` (the primary's server powered
+off hard, booted again after the hold; its own systemd brings the node back) and
+`node-partition` (the primary's server cut off from everything, healed after the majority has a
+primary), `--reps` times each, interleaved, through the real `haflow drill -f SPEC --json`.
+Needs root.
+
+Brings the lab up and deploys to it when it is not already there (and then takes both down at
+the end); a lab that was up is left as it was. Writes bench/results/lab_drills.json and the
+real-network section of docs/drills.md, next to the loopback figures of bench_drills.py.
+
+    .venv/bin/python bench/bench_lab_drills.py [--reps 5] [--hold 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import save_results, write_docs_section
+from haflow.lab import Lab
+
+ROOT = Path(__file__).resolve().parent.parent
+HAFLOW = [sys.executable, "-m", "haflow.cli"]
+SCENARIOS = ("node-crash", "node-partition")
+MEASURES = ("rto_s", "write_gap_s", "task_flow_gap_s", "recovered_s", "majority_primary_s",
+            "isolated_primary_refuses_writes_s")
+
+
+def haflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([*HAFLOW, *args], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        sys.exit(f"haflow {' '.join(args)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r
+
+
+def summarize(runs: list[dict]) -> dict:
+    out: dict = {}
+    for m in MEASURES:
+        values = [r[m] for r in runs if r.get(m) is not None]
+        out[m] = {"median": round(statistics.median(values), 2), "max": round(max(values), 2)} if values else None
+    out["runs"] = len(runs)
+    out["all_ok"] = all(r["ok"] for r in runs)
+    out["violations"] = sorted({v for r in runs for v in r["violations"]})
+    out["acknowledged_writes_lost"] = sum(r["acknowledged_writes_lost"] for r in runs)
+    out["dag_runs_failed"] = sum(r["dag_runs_failed"] for r in runs)
+    out["isolated_primary_writes_acknowledged"] = sum(r.get("isolated_primary_writes_acknowledged") or 0 for r in runs)
+    out["split_brain"] = any(r.get("split_brain") for r in runs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--hold", type=float, default=15.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/lab_drills.json")
+    args = ap.parse_args()
+
+    lab = Lab()
+    ours = lab.record() is None  # we bring the lab up, so we take it down
+    spec = json.loads(haflow("lab", "up", "--json").stdout)["spec"]
+    results: dict = {"runs": {n: [] for n in SCENARIOS}}
+    try:
+        haflow("deploy", "-f", spec, "--no-smoke")
+        for rep in range(args.reps):
+            for name in SCENARIOS:
+                print(f"{name} {rep + 1}/{args.reps}", flush=True)
+                r = haflow("drill", name, "--json", "--hold", str(args.hold), "-f", spec, check=False)
+                if not r.stdout.strip().startswith("{"):
+                    sys.exit(f"drill {name} gave no result ({r.returncode}): {r.stderr[-2000:]}")
+                result = json.loads(r.stdout)
+                print(f"    ok={result['ok']} rto={result['rto_s']} flow={result['task_flow_gap_s']} "
+                      f"healthy={result['recovered_s']} refuses={result.get('isolated_primary_refuses_writes_s')} "
+                      f"{result['violations']}", flush=True)
+                results["runs"][name].append(result)
+    finally:
+        if ours:
+            haflow("down", "-f", spec, check=False)
+            haflow("lab", "down", check=False)
+    results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
+    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
+                       "hold_s": args.hold, "hosts": 3, "release": (lab.record() or {}).get("release", "trixie")}
+    save_results(results, args.out, write_section)
+
+
+def _loopback() -> dict:
+    path = ROOT / "bench/results/drills.json"
+    return json.loads(path.read_text())["summary"] if path.exists() else {}
+
+
+def write_section(r: dict) -> None:
+    m = r["meta"]
+    loop = _loopback().get("node-crash", {})
+
+    def mm(s: dict | None, k: str) -> str:
+        v = (s or {}).get(k)
+        return f"{v['median']} / {v['max']} s" if v else "-"
+
+    lines = [
+        "## Real network: the lab",
+        "",
+        f"Measured by `bench/bench_lab_drills.py` (last on {m['date']}): each drill {m['reps']} times, interleaved, on",
+        f"{m['hosts']} Debian lab hosts (systemd-nspawn, real network stack and bridge) running the deployed cluster,",
+        f"hold {m['hold_s']} s; raw data with every timeline in `bench/results/lab_drills.json`. Loopback: the",
+        "node-crash row of the table above (same defaults, every process of the node SIGKILLed on this machine).",
+        "",
+        "| drill | runs | write RTO median / max | write gap | task-flow gap | majority's primary after | isolated primary refuses writes after | healthy after | lost writes | acknowledged by the isolated primary | split brain | invariants |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in r["summary"].items():
+        lines.append(f"| {name} (lab) | {s['runs']} | {mm(s, 'rto_s')} | {mm(s, 'write_gap_s')} | {mm(s, 'task_flow_gap_s')} | "
+                     f"{mm(s, 'majority_primary_s')} | {mm(s, 'isolated_primary_refuses_writes_s')} | {mm(s, 'recovered_s')} | "
+                     f"{s['acknowledged_writes_lost']} | "
+                     f"{s['isolated_primary_writes_acknowledged'] if name == 'node-partition' else '-'} | "
+                     f"{('**yes**' if s['split_brain'] else 'no') if name == 'node-partition' else '-'} | "
+                     f"{'all kept' if s['all_ok'] else '**broken**: ' + '; '.join(s['violations'])} |")
+    if loop:
+        lines.append(f"| node-crash (loopback) | - | {mm(loop, 'rto_s')} | {mm(loop, 'write_gap_s')} | "
+                     f"{mm(loop, 'task_flow_gap_s')} | - | - | {mm(loop, 'recovered_s')} | {loop.get('acknowledged_writes_lost')} | - | - | "
+                     f"{'all kept' if loop.get('all_ok') else '**broken**'} |")
+    lines.append("")
+    write_docs_section(ROOT / "docs/drills.md", lines)
+
+
+if __name__ == "__main__":
+    main()
