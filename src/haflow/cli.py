@@ -19,14 +19,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from haflow import hosts, lock
+from haflow import hosts, lb, lock
 from haflow import status as status_mod
 from haflow.cluster import EXAMPLE_TIMEOUT_S, Cluster
 from haflow.components import airflow_api
+
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL as SCENARIO_NAMES
 from haflow.drills.scenarios import runnable as runnable_scenarios
 from haflow.errors import HaflowError, UserError
+from haflow.facts import ClusterFacts
 from haflow.lab import Lab
 from haflow.lab import image as lab_image
 from haflow.secrets import BREAKS
@@ -483,6 +485,66 @@ def print_status(snap: dict[str, Any]) -> None:
         out.print(f"[red]problem:[/] {line}", highlight=False)
 
 
+@cli.group("lb")
+def lb_group() -> None:
+    """The external load balancer in front of the cluster (a cloud LB): what it needs, and a check of a real one."""
+
+
+@lb_group.command("settings")
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="The settings as JSON (stable, docs/deploy.md).")
+@handle_errors
+def lb_settings(spec_file: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Targets, ports and health checks a load balancer in front of the cluster needs."""
+    spec, _, _, _ = load_checked(spec_file, state_dir)
+    result = lb.settings(ClusterFacts(spec))
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    for svc in result["services"]:
+        hc = svc["health_check"]
+        out.print(f"[bold]{svc['name']}[/]: {svc['what']}")
+        out.print(f"  listen TCP {svc['listen_port']} -> " + ", ".join(f"{t['address']}:{t['port']}" for t in svc["targets"]))
+        out.print(f"  health check: HTTP GET :{hc['port']}{hc['path']} expect {hc['expect_status']}, every "
+                  f"{hc['interval_s']} s, timeout {hc['timeout_s']} s, healthy after {hc['healthy_threshold']}, "
+                  f"unhealthy after {hc['unhealthy_threshold']}")
+        out.print("  close connections to an unhealthy target: " + ("yes" if svc["close_connections_to_unhealthy_targets"] else "no"))
+    out.print(result["clients"])
+
+
+@lb_group.command("check")
+@spec_options
+@click.argument("endpoint", metavar="ADDRESS:PORT")
+@click.option("--api", "api_url", metavar="URL", help="Also check the Airflow API through the balancer (e.g. http://10.0.0.10:8080).")
+@click.option("--switchover", is_flag=True, help="Run a planned switchover and measure how the balancer follows it.")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON: ok, reaches_primary, follow_s, old_connections_closed, ...")
+@handle_errors
+def lb_check(spec_file: Path | None, state_dir: Path | None, endpoint: str, api_url: str | None, switchover: bool,
+             as_json: bool) -> None:
+    """Verify a real balancer reaches the current primary; with --switchover, that it follows a new one. Exit 1 when not."""
+    lb.parse_endpoint(endpoint)  # bad input first: exit 2
+    cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
+    if switchover:
+        with locked(cluster, "lb check"):
+            result = lb.check(cluster, endpoint, api_url, switchover)
+    else:
+        result = lb.check(cluster, endpoint, api_url, switchover)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"{endpoint} reaches {result['reached'] or 'nothing'}; the primary is {result['primary'] or 'none'}")
+        if result["api_ok"] is not None:
+            out.print(f"Airflow API through the balancer: {'healthy' if result['api_ok'] else 'NOT healthy'}")
+        if result["follow_s"] is not None or result["switchover_s"] is not None:
+            out.print(f"switchover took {_s(result['switchover_s'])}; the balancer followed the new primary "
+                      f"{_s(result['follow_s'])} after it accepted writes; old connections closed: "
+                      f"{result['old_connections_closed']}")
+        for p in result["problems"]:
+            out.print(f"[red]problem:[/] {escape(p)}", highlight=False)
+        out.print("[green]ok[/]" if result["ok"] else "[red]FAILED[/]")
+    sys.exit(0 if result["ok"] else 1)
+
+
 @cli.group()
 def lab() -> None:
     """Disposable Debian hosts (systemd-nspawn) on this machine, to try and test the SSH path. Root only."""
@@ -492,11 +554,13 @@ def lab() -> None:
 @click.option("--nodes", type=click.Choice(["3", "5"]), default="3", show_default=True, help="How many hosts.")
 @click.option("--release", type=click.Choice(list(lab_image.RELEASES)), default=lab_image.DEFAULT_RELEASE, show_default=True,
               help="Debian release of the hosts.")
+@click.option("--balancer", is_flag=True,
+              help="Add a host that stands in for a cloud load balancer (HAProxy configured only from `haflow lb settings`).")
 @click.option("--json", "as_json", is_flag=True, help="The hosts, the SSH key and the spec as JSON.")
 @handle_errors
-def lab_up(nodes: str, release: str, as_json: bool) -> None:
+def lab_up(nodes: str, release: str, balancer: bool, as_json: bool) -> None:
     """Build (once) the base image, start the private network and boot the hosts; idempotent."""
-    result = Lab(say=Progress(not as_json)).up(int(nodes), release)
+    result = Lab(say=Progress(not as_json)).up(int(nodes), release, balancer)
     if as_json:
         out.print_json(json.dumps(result))
         return

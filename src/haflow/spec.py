@@ -180,6 +180,24 @@ class Database(_Strict):
     retry_timeout: _bounded(3, 600, " s", "Patroni's minimum is 3") = 5
     maximum_lag_on_failover: _bounded(0, 2**40, " bytes") = 1048576
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Networks whose clients may log in to PostgreSQL directly (not through a node's balancer):
+    # the clients of an external load balancer that keeps their address, or the balancer itself
+    # when it proxies (docs/deploy.md, external load balancer). The nodes are always allowed.
+    allowed_clients: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_clients")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        out = []
+        for net in v:
+            try:
+                ip = ipaddress.ip_network(net, strict=True)
+            except ValueError as e:
+                raise ValueError(f"{_short(net)} is not a network ({e}); give one like 10.0.0.0/24 or 10.0.0.5/32") from None
+            if ip.version != 4:
+                raise ValueError(f"{net}: only IPv4 networks are supported for now")
+            out.append(str(ip))
+        return out
 
     @field_validator("postgres_version")
     @classmethod

@@ -267,6 +267,23 @@ def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_
     assert log.longest_gap() < 30  # measured, not a target: bench/ records the gap
 
 
+def test_lb_check_verifies_a_real_balancer_and_measures_how_it_follows_a_switchover(env):
+    """`haflow lb check` against real balancers: a node's HAProxy primary port (health check on
+    Patroni's /primary, as lb settings asks) passes and follows a switchover; its replicas port
+    reaches a replica, which the check must call wrong (exit 1)."""
+    facts = env["cluster"].facts
+    wait_database_healthy(env)
+    r = haflow(env, "lb", "check", facts.nodes[0].pg_replicas, "--json", check=False)
+    bad = json.loads(r.stdout)
+    assert r.returncode == 1 and not bad["ok"] and not bad["reaches_primary"], bad
+    assert "not the primary" in bad["problems"][0]
+    r = haflow(env, "lb", "check", facts.nodes[0].pg_primary, "--switchover", "--json", check=False)
+    good = json.loads(r.stdout)
+    assert r.returncode == 0 and good["ok"], good
+    assert good["reaches_primary"] and good["old_connections_closed"] is True
+    assert good["follow_s"] is not None and good["primary"] == status(env)["layers"]["database"]["leader"]
+
+
 def test_losing_the_leaders_node_loses_no_acknowledged_write_and_it_rejoins(env):
     cluster: Cluster = env["cluster"]
     facts = cluster.facts

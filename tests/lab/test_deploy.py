@@ -38,10 +38,11 @@ def on(host: str, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab():
-    r = haflow("lab", "up", "--json")
+    r = haflow("lab", "up", "--balancer", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout)
-    yield {**info, "spec_path": Path(info["spec"]), "names": [h["name"] for h in info["hosts"]]}
+    yield {**info, "spec_path": Path(info["spec"]), "names": [h["name"] for h in info["hosts"] if h["role"] == "node"],
+           "balancer": next(h for h in info["hosts"] if h["role"] == "balancer")}
     haflow("down", "-f", info["spec"])
     r = haflow("lab", "down")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -166,7 +167,7 @@ def test_a_restart_parameter_rolls_node_by_node_while_writes_continue(lab, tmp_p
     spec.write_text(yaml.safe_dump(data, sort_keys=False))
     secrets = Secrets.load(spec.parent / ".haflow", set(), True)
     su = secrets["postgres_superuser"]
-    addresses = [h["address"] for h in lab["hosts"]]
+    addresses = [h["address"] for h in lab["hosts"] if h["role"] == "node"]
     for a in addresses:
         net.check_route(a)
     port = data["ports"]["pg_primary"]
@@ -184,7 +185,7 @@ def test_a_restart_parameter_rolls_node_by_node_while_writes_continue(lab, tmp_p
     assert changed.index(restarted[-1]) > switched  # the primary's node last, after a switchover
     assert len(log.acknowledged) > 0
     assert lost_writes(log, f"{addresses[0]}:{port}", su.username, su.password, "postgres") == []
-    for h in lab["hosts"]:  # asked on each host itself: PostgreSQL admits the nodes' addresses only
+    for h in (h for h in lab["hosts"] if h["role"] == "node"):  # asked on each host itself: PostgreSQL admits the nodes' addresses only
         out = on(h["name"], f"PGPASSWORD={shlex.quote(su.password)} psql -h {h['address']} -p {data['ports']['postgres']} "
                             f"-U {su.username} -d postgres -Atc 'SHOW max_connections'")
         assert out.strip() == "210", (h["name"], out)
@@ -222,6 +223,22 @@ def test_node_partition_the_isolated_primary_acknowledges_no_write_and_rejoins(l
     snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)
     member = next(m for m in snap["layers"]["database"]["members"] if m["node"] == result["node"])
     assert member["role"] in ("replica", "sync_standby") and member["state"] == "streaming", snap
+
+
+def test_lb_check_follows_a_switchover_through_the_stand_in_cloud_balancer(lab):
+    """A balancer haflow does not run (HAProxy on its own lab host, configured only from
+    `haflow lb settings`, as a cloud LB would be): it reaches the primary and the Airflow API,
+    and follows a planned switchover."""
+    address = lab["balancer"]["address"]
+    r = haflow("lb", "check", f"{address}:5432", "--api", f"http://{address}:8080", "--switchover", "--json",
+               "-f", str(lab["spec_path"]))
+    result = json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr[-3000:]}
+    assert r.returncode == 0 and result["ok"], result
+    assert result["reaches_primary"] and result["api_ok"] and result["old_connections_closed"] is True, result
+    assert result["follow_s"] is not None, result
+    # its read-only port reaches a replica, which `lb check` rightly calls wrong for writes
+    r = haflow("lb", "check", f"{address}:5433", "--json", "-f", str(lab["spec_path"]))
+    assert r.returncode == 1 and not json.loads(r.stdout)["reaches_primary"], r.stdout
 
 
 def test_down_stops_every_unit_and_purge_removes_the_cluster(lab):

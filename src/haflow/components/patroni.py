@@ -60,6 +60,8 @@ def pg_hba(facts: ClusterFacts, secrets: Secrets) -> list[str]:
     for net in facts.pg_client_networks:
         lines.append(f"host replication {repl} {net} scram-sha-256")
         lines.append(f"host all all {net} scram-sha-256")
+    for net in facts.spec.database.allowed_clients:  # clients of an external balancer: no replication
+        lines.append(f"host all all {net} scram-sha-256")
     return lines
 
 

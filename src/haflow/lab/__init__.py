@@ -26,6 +26,7 @@ import yaml
 
 from haflow.errors import HaflowError, UserError
 from haflow.fsutil import atomic_write
+from haflow.lab import balancer as lab_balancer
 from haflow.lab import image, net
 from haflow.hosts.procs import ProcRef, wait_gone
 from haflow.lab.machines import LabHost
@@ -57,9 +58,15 @@ class Lab:
         except (OSError, ValueError):
             return None
 
-    def hosts(self) -> list[LabHost]:
+    def hosts(self, role: str | None = None) -> list[LabHost]:
+        """The lab's hosts (with `role`: only the nodes, or only the balancer)."""
         rec = self.record() or {"hosts": []}
-        return [LabHost(self.root, h["name"], h["address"]) for h in rec["hosts"]]
+        return [LabHost(self.root, h["name"], h["address"]) for h in rec["hosts"]
+                if role is None or h.get("role", "node") == role]
+
+    def role(self, name: str) -> str:
+        rec = self.record() or {"hosts": []}
+        return next((h.get("role", "node") for h in rec["hosts"] if h["name"] == name), "node")
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts():
@@ -69,8 +76,9 @@ class Lab:
         raise UserError(f"no lab host {name!r}; lab hosts: {known}")
 
     # --- up -----------------------------------------------------------------------------------------
-    def up(self, nodes: int = 3, release: str = image.DEFAULT_RELEASE) -> dict[str, Any]:
-        """Bring the lab up (idempotent: a running lab of the same shape is left as it is)."""
+    def up(self, nodes: int = 3, release: str = image.DEFAULT_RELEASE, balancer: bool = False) -> dict[str, Any]:
+        """Bring the lab up (idempotent: a running lab of the same shape is left as it is; a
+        balancer host asked for later is added)."""
         t0 = time.monotonic()
         check_can_run(install=True, say=self.say)
         if nodes not in NODE_COUNTS:
@@ -78,18 +86,21 @@ class Lab:
         if release not in image.RELEASES:
             raise UserError(f"--release {release}: choose one of {', '.join(image.RELEASES)}")
         rec = self.record()
-        if rec and (len(rec["hosts"]) != nodes or rec["release"] != release):
-            raise UserError(f"the lab already has {len(rec['hosts'])} {rec['release']} hosts; "
+        have = [h for h in rec["hosts"] if h.get("role", "node") == "node"] if rec else []
+        if rec and (len(have) != nodes or rec["release"] != release):
+            raise UserError(f"the lab already has {len(have)} {rec['release']} hosts; "
                             "`haflow lab down` first to change its size or release")
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.run.mkdir(exist_ok=True)
         base = image.ensure_base(self.cache, release, self.say)
         key = self._ensure_key()
-        names = [(f"lab{i}", net.host_address(i)) for i in range(1, nodes + 1)]
-        if rec is None:
-            atomic_write(self.run / RECORD, json.dumps({"release": release, "hosts": [
-                {"name": n, "address": a} for n, a in names]}, indent=1), 0o600)
+        wanted = [{"name": f"lab{i}", "address": net.host_address(i), "role": "node"} for i in range(1, nodes + 1)]
+        if balancer or (rec and any(h.get("role") == "balancer" for h in rec["hosts"])):
+            wanted.append({"name": lab_balancer.NAME, "address": net.host_address(lab_balancer.ADDRESS_INDEX),
+                           "role": "balancer"})
+        if rec is None or len(rec["hosts"]) != len(wanted):
+            atomic_write(self.run / RECORD, json.dumps({"release": release, "hosts": wanted}, indent=1), 0o600)
         self.say("bringing up the lab network")
         net.up(self.run)
         self._create_missing(base, key)
@@ -98,7 +109,20 @@ class Lab:
             h.start(base)
         asyncio.run(self._wait_ready())
         self._write_spec()
+        if self.hosts("balancer"):
+            self.say("configuring the stand-in balancer from `haflow lb settings`")
+            self._configure_balancer()
         return {**self.status(), "elapsed_s": round(time.monotonic() - t0, 1)}
+
+    def _configure_balancer(self) -> None:
+        from haflow import lb
+        from haflow.facts import ClusterFacts
+        from haflow.spec import load_spec
+
+        settings = lb.settings(ClusterFacts(load_spec(self.run / SPEC)))
+        script = lab_balancer.install_script(lab_balancer.haproxy_config(settings))
+        for h in self.hosts("balancer"):
+            asyncio.run(self.run_on(h.name, script, timeout=600, check=True))
 
     def _ensure_key(self) -> str:
         key = self.run / KEY
@@ -140,13 +164,16 @@ class Lab:
             await asyncio.sleep(0.2)
         raise HaflowError(f"not ready within {READY_TIMEOUT_S}s ({last})")
 
-    async def run_on(self, name: str, command: str, timeout: float = 30) -> str:
-        """Run a command on a lab host over SSH as root (strict host key checking); its output."""
+    async def run_on(self, name: str, command: str, timeout: float = 30, check: bool = False) -> str:
+        """Run a command on a lab host over SSH as root (strict host key checking); its output
+        (with `check`: HaflowError with its error output when it fails)."""
         h = self.host(name)
         net.check_route(h.address)  # never a lab packet out of the machine
         async with asyncssh.connect(h.address, username="root", client_keys=[str(self.run / KEY)],
                                     known_hosts=str(self.run / KNOWN_HOSTS), connect_timeout=timeout) as conn:
             r = await asyncio.wait_for(conn.run(command, check=False), timeout)
+            if check and r.exit_status != 0:
+                raise HaflowError(f"{name}: a lab step failed (exit {r.exit_status}): {str(r.stderr or r.stdout).strip()[-400:]}")
             return str(r.stdout or "")
 
     def _write_spec(self) -> None:
@@ -157,8 +184,10 @@ class Lab:
         data["nodes"] = [{"name": h.name, "address": h.address,
                           "ssh": {"user": "root", "key": str(self.run / KEY), "known_hosts": str(self.run / KNOWN_HOSTS)},
                           "control": control_commands(h.name)}
-                         for h in self.hosts()]
-        data["etcd"]["members"] = [h.name for h in self.hosts()]
+                         for h in self.hosts("node")]
+        data["etcd"]["members"] = [h.name for h in self.hosts("node")]
+        # the stand-in balancer proxies: PostgreSQL sees its address, so admit it
+        data["database"]["allowed_clients"] = [f"{h.address}/32" for h in self.hosts("balancer")]
         atomic_write(self.run / SPEC, "# written by `haflow lab up`: the lab's hosts\n" + yaml.safe_dump(data, sort_keys=False), 0o600)
 
     # --- status and faults ------------------------------------------------------------------------
@@ -167,7 +196,8 @@ class Lab:
         return {
             "up": rec is not None,
             "release": rec["release"] if rec else None,
-            "hosts": [{"name": h.name, "address": h.address, "role": "node", "running": h.running()} for h in self.hosts()],
+            "hosts": [{"name": h.name, "address": h.address, "role": self.role(h.name), "running": h.running()}
+                      for h in self.hosts()],
             "key": str(self.run / KEY) if rec else None,
             "known_hosts": str(self.run / KNOWN_HOSTS) if rec else None,
             "spec": str(self.run / SPEC) if rec and (self.run / SPEC).exists() else None,
