@@ -198,6 +198,8 @@ class Checker:
             stop.set()
             poller.join(timeout=10)
         r.primary = candidate
+        last = next((p.server for p in reversed(probes) if p.server), None)
+        r.reached = next((n.name for n in self.cluster.facts.nodes if n.address == last), last)
         followed = _followed(probes, new.address, promoted[0]) if promoted else None
         r.follow_s = round(max(0.0, followed - promoted[0]), 2) if followed is not None else None
         if followed is None:
