@@ -1,14 +1,18 @@
 """Benchmark of the real-network drills on the lab: `node-crash` (the primary's server powered
 off hard, booted again after the hold; its own systemd brings the node back) and
 `node-partition` (the primary's server cut off from everything, healed after the majority has a
-primary), `--reps` times each, interleaved, through the real `haflow drill -f SPEC --json`.
+primary), `--reps` times each, interleaved, through the real `haflow drill -f SPEC --json`; and
+how fast the lab's stand-in cloud balancer (`lab up --balancer`, configured only from `haflow lb
+settings`) follows a planned switchover, `--lb-reps` times (`haflow lb check --switchover`).
 Needs root.
 
 Brings the lab up and deploys to it when it is not already there (and then takes both down at
 the end); a lab that was up is left as it was. Writes bench/results/lab_drills.json and the
 real-network section of docs/drills.md, next to the loopback figures of bench_drills.py.
 
-    .venv/bin/python bench/bench_lab_drills.py [--reps 5] [--hold 15]
+    .venv/bin/python bench/bench_lab_drills.py [--reps 5] [--hold 15] [--lb-reps 5] [--only drills|lb]
+
+`--only` runs one part and keeps the other part's runs from the results file.
 """
 
 from __future__ import annotations
@@ -38,6 +42,33 @@ def haflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
+def lb_check(spec: str, endpoint: str) -> dict:
+    """One `lb check --switchover` through the stand-in balancer, once the cluster can switch
+    over safely (a synchronous standby streams again after the previous one)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        snap = json.loads(haflow("status", "--json", "-f", spec, check=False).stdout or "{}")
+        if snap.get("healthy"):
+            break
+        time.sleep(3)
+    r = haflow("lb", "check", endpoint, "--switchover", "--json", "-f", spec, check=False)
+    if not r.stdout.strip().startswith("{"):
+        sys.exit(f"lb check gave no result ({r.returncode}): {r.stderr[-2000:]}")
+    result = json.loads(r.stdout)
+    print(f"    ok={result['ok']} follow={result['follow_s']} switchover={result['switchover_s']} "
+          f"closed={result['old_connections_closed']} {result['problems']}", flush=True)
+    return result
+
+
+def summarize_lb(runs: list[dict]) -> dict:
+    out: dict = {"runs": len(runs), "all_ok": all(r["ok"] for r in runs),
+                 "old_connections_closed": all(r["old_connections_closed"] for r in runs)}
+    for m in ("follow_s", "switchover_s"):
+        values = [r[m] for r in runs if r.get(m) is not None]
+        out[m] = {"median": round(statistics.median(values), 2), "max": round(max(values), 2)} if values else None
+    return out
+
+
 def summarize(runs: list[dict]) -> dict:
     out: dict = {}
     for m in MEASURES:
@@ -57,16 +88,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--hold", type=float, default=15.0)
+    ap.add_argument("--lb-reps", type=int, default=5)
+    ap.add_argument("--only", choices=("drills", "lb"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/lab_drills.json")
     args = ap.parse_args()
 
     lab = Lab()
     ours = lab.record() is None  # we bring the lab up, so we take it down
-    spec = json.loads(haflow("lab", "up", "--json").stdout)["spec"]
-    results: dict = {"runs": {n: [] for n in SCENARIOS}}
+    up = json.loads(haflow("lab", "up", "--balancer", "--json").stdout)
+    spec = up["spec"]
+    balancer = next(h["address"] for h in up["hosts"] if h["role"] == "balancer")
+    earlier = json.loads(args.out.read_text()) if args.only and args.out.exists() else {"runs": {}}
+    results: dict = {"runs": {n: [] if args.only != "lb" else earlier["runs"].get(n, []) for n in SCENARIOS},
+                     "lb_runs": [] if args.only != "drills" else earlier.get("lb_runs", [])}
     try:
         haflow("deploy", "-f", spec, "--no-smoke")
-        for rep in range(args.reps):
+        for rep in range(args.lb_reps if args.only != "drills" else 0):
+            print(f"lb check --switchover {rep + 1}/{args.lb_reps}", flush=True)
+            results["lb_runs"].append(lb_check(spec, f"{balancer}:5432"))
+        for rep in range(args.reps if args.only != "lb" else 0):
             for name in SCENARIOS:
                 print(f"{name} {rep + 1}/{args.reps}", flush=True)
                 r = haflow("drill", name, "--json", "--hold", str(args.hold), "-f", spec, check=False)
@@ -82,6 +122,8 @@ def main() -> None:
             haflow("down", "-f", spec, check=False)
             haflow("lab", "down", check=False)
     results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
+    if results["lb_runs"]:
+        results["summary"]["lb-follow"] = summarize_lb(results["lb_runs"])
     results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
                        "hold_s": args.hold, "hosts": 3, "release": (lab.record() or {}).get("release", "trixie")}
     save_results(results, args.out, write_section)
@@ -112,6 +154,8 @@ def write_section(r: dict) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in r["summary"].items():
+        if name == "lb-follow":
+            continue
         lines.append(f"| {name} (lab) | {s['runs']} | {mm(s, 'rto_s')} | {mm(s, 'write_gap_s')} | {mm(s, 'task_flow_gap_s')} | "
                      f"{mm(s, 'majority_primary_s')} | {mm(s, 'isolated_primary_refuses_writes_s')} | {mm(s, 'recovered_s')} | "
                      f"{s['acknowledged_writes_lost']} | "
@@ -122,6 +166,17 @@ def write_section(r: dict) -> None:
         lines.append(f"| node-crash (loopback) | - | {mm(loop, 'rto_s')} | {mm(loop, 'write_gap_s')} | "
                      f"{mm(loop, 'task_flow_gap_s')} | - | - | {mm(loop, 'recovered_s')} | {loop.get('acknowledged_writes_lost')} | - | - | "
                      f"{'all kept' if loop.get('all_ok') else '**broken**'} |")
+    lb = r["summary"].get("lb-follow")
+    if lb:
+        lines += [
+            "",
+            f"The stand-in cloud balancer (HAProxy on its own lab host, configured only from `haflow lb settings`: checks",
+            "every 5 s, timeout 2 s, 2 to fall, 2 to rise) following a planned switchover, `haflow lb check --switchover`,",
+            f"{lb['runs']} runs: follow (from the new primary's first 200 on `/primary` to connections through the balancer",
+            f"reaching it) median / max {mm(lb, 'follow_s')}; the switchover itself {mm(lb, 'switchover_s')}; connections held",
+            f"through the balancer closed: {'every run' if lb['old_connections_closed'] else '**not always**'}; "
+            f"{'all checks passed' if lb['all_ok'] else '**a check failed**'}.",
+        ]
     lines.append("")
     write_docs_section(ROOT / "docs/drills.md", lines)
 
