@@ -124,7 +124,10 @@ def main() -> None:
     results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
     if results["lb_runs"]:
         results["summary"]["lb-follow"] = summarize_lb(results["lb_runs"])
-    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    kept = earlier.get("meta", {})
+    results["meta"] = {"date": now, "drills_date": kept.get("drills_date", kept.get("date")) if args.only == "lb" else now,
+                       "lb_date": kept.get("lb_date") if args.only == "drills" else now, "reps": args.reps,
                        "hold_s": args.hold, "hosts": 3, "release": (lab.record() or {}).get("release", "trixie")}
     save_results(results, args.out, write_section)
 
@@ -145,7 +148,7 @@ def write_section(r: dict) -> None:
     lines = [
         "## Real network: the lab",
         "",
-        f"Measured by `bench/bench_lab_drills.py` (last on {m['date']}): each drill {m['reps']} times, interleaved, on",
+        f"Measured by `bench/bench_lab_drills.py` (drills last on {m.get('drills_date', m['date'])}): each drill {m['reps']} times, interleaved, on",
         f"{m['hosts']} Debian lab hosts (systemd-nspawn, real network stack and bridge) running the deployed cluster,",
         f"hold {m['hold_s']} s; raw data with every timeline in `bench/results/lab_drills.json`. Loopback: the",
         "node-crash row of the table above (same defaults, every process of the node SIGKILLed on this machine).",
@@ -170,7 +173,7 @@ def write_section(r: dict) -> None:
     if lb:
         lines += [
             "",
-            f"The stand-in cloud balancer (HAProxy on its own lab host, configured only from `haflow lb settings`: checks",
+            f"The stand-in cloud balancer (measured on {m.get('lb_date') or m['date']}; HAProxy on its own lab host, configured only from `haflow lb settings`: checks",
             "every 5 s, timeout 2 s, 2 to fall, 2 to rise) following a planned switchover, `haflow lb check --switchover`,",
             f"{lb['runs']} runs: follow (from the new primary's first 200 on `/primary` to connections through the balancer",
             f"reaching it) median / max {mm(lb, 'follow_s')}; the switchover itself {mm(lb, 'switchover_s')}; connections held",
