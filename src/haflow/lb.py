@@ -25,6 +25,7 @@ import psycopg
 
 from haflow.cluster import Cluster
 from haflow.components import patroni
+from haflow.drills.writer import DEAD_PEER_FAILS_FAST
 from haflow.errors import UserError
 from haflow.facts import ClusterFacts
 from haflow.hosts import lab_route_check
@@ -119,8 +120,7 @@ class Checker:
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password, dbname="postgres",
-                               connect_timeout=3, autocommit=True, tcp_user_timeout=3000, keepalives=1,
-                               keepalives_idle=2, keepalives_interval=1, keepalives_count=2)
+                               connect_timeout=3, autocommit=True, **DEAD_PEER_FAILS_FAST)
 
     def probe(self) -> Probe:
         """One fresh connection through the balancer: which server answered, and is it a primary."""
@@ -132,6 +132,10 @@ class Checker:
         except psycopg.Error as e:
             return Probe(t, None, None, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
+    def node_at(self, address: str | None) -> str | None:
+        """The node whose address answered (the address itself when it is no node's)."""
+        return next((n.name for n in self.cluster.facts.nodes if n.address == address), address)
+
     def primary_address(self) -> tuple[str | None, str | None]:
         leader = patroni.probe(self.cluster.facts).leader
         return leader, self.cluster.facts.node(leader).address if leader else None
@@ -141,7 +145,7 @@ class Checker:
         leader, address = self.primary_address()
         r.primary = leader
         p = self.probe()
-        r.reached = next((n.name for n in self.cluster.facts.nodes if n.address == p.server), p.server)
+        r.reached = self.node_at(p.server)
         r.reaches_primary = p.server is not None and p.in_recovery is False and p.server == address
         if leader is None:
             r.problems.append("the cluster has no primary; run `haflow status`")
@@ -199,7 +203,7 @@ class Checker:
             poller.join(timeout=10)
         r.primary = candidate
         last = next((p.server for p in reversed(probes) if p.server), None)
-        r.reached = next((n.name for n in self.cluster.facts.nodes if n.address == last), last)
+        r.reached = self.node_at(last)
         followed = _followed(probes, new.address, promoted[0]) if promoted else None
         r.follow_s = round(max(0.0, followed - promoted[0]), 2) if followed is not None else None
         if followed is None:

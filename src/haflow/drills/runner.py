@@ -178,7 +178,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         if fault is not None and fault.held_down and back_at is None:
             say(f"[{name}] {fault.node} is still down: `haflow up` brings it back")
         if on_victim is not None:
-            isolated_log = _stop_isolated_writer(on_victim, fault, say, name)
+            isolated_log = _stop_isolated_writer(on_victim, say, name)
     say(f"[{name}] load off; waiting for every canary run to finish")
     af = cluster.spec.airflow
     drain_s = af.task_heartbeat_timeout_s + af.task_queued_timeout_s + 120
@@ -214,7 +214,7 @@ def _start_isolated_writer(cluster: Cluster, victim: str, opts: DrillOptions, sa
     return writer
 
 
-def _stop_isolated_writer(writer: IsolatedWriter, fault: Fault | None, say: Say, name: str) -> IsolatedLog | None:
+def _stop_isolated_writer(writer: IsolatedWriter, say: Say, name: str) -> IsolatedLog | None:
     try:
         return writer.stop()
     except Exception as e:  # the server may still be cut off: say so, the verdict counts it as unknown

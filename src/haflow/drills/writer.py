@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 import psycopg
 
 TABLE = "haflow_canary_writes"
+# libpq options for a client that must notice a server that answers nothing (powered off, cut
+# off): without them an open connection waits for TCP's own retransmission timeout (minutes)
+# instead of failing within about 3 s and moving on
+DEAD_PEER_FAILS_FAST = {"tcp_user_timeout": 3000, "keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
+                        "keepalives_count": 2}
 
 
 @dataclass
@@ -50,12 +55,9 @@ class Writer(threading.Thread):
 
     def _connect(self, endpoint: str) -> psycopg.Connection:
         host, port = endpoint.rsplit(":", 1)
-        # a cut-off server answers nothing: without these an open connection waits for TCP's
-        # own retransmission timeout (minutes) instead of failing over to the next balancer
         return psycopg.connect(host=host, port=int(port), user=self.user, password=self.password,
                                dbname=self.dbname, connect_timeout=self.connect_timeout_s, autocommit=True,
-                               tcp_user_timeout=3000, keepalives=1, keepalives_idle=2, keepalives_interval=1,
-                               keepalives_count=2)
+                               **DEAD_PEER_FAILS_FAST)
 
     def ensure_table(self) -> None:
         with self._connect(self.endpoints[0]) as conn:

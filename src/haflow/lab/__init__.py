@@ -64,10 +64,6 @@ class Lab:
         return [LabHost(self.root, h["name"], h["address"]) for h in rec["hosts"]
                 if role is None or h.get("role", "node") == role]
 
-    def role(self, name: str) -> str:
-        rec = self.record() or {"hosts": []}
-        return next((h.get("role", "node") for h in rec["hosts"] if h["name"] == name), "node")
-
     def host(self, name: str) -> LabHost:
         for h in self.hosts():
             if h.name == name:
@@ -196,8 +192,8 @@ class Lab:
         return {
             "up": rec is not None,
             "release": rec["release"] if rec else None,
-            "hosts": [{"name": h.name, "address": h.address, "role": self.role(h.name), "running": h.running()}
-                      for h in self.hosts()],
+            "hosts": [{"name": h["name"], "address": h["address"], "role": h.get("role", "node"),
+                       "running": LabHost(self.root, h["name"], h["address"]).running()} for h in (rec or {"hosts": []})["hosts"]],
             "key": str(self.run / KEY) if rec else None,
             "known_hosts": str(self.run / KNOWN_HOSTS) if rec else None,
             "spec": str(self.run / SPEC) if rec and (self.run / SPEC).exists() else None,
