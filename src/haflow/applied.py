@@ -69,3 +69,12 @@ class AppliedConfigs:
         spec = self._services[node][service]
         return (any(p in spec.restart_files for p in changed_files)
                 or self.host.changed_since_start(node, service, spec.restart_files))
+
+    def forget(self, node: str) -> None:
+        """A node removed from the cluster: its record goes (and its folder, when empty)."""
+        self._records.pop(node, None)
+        self._file(node).unlink(missing_ok=True)
+        try:
+            self._file(node).parent.rmdir()
+        except OSError:
+            pass  # gone already, or it holds more of the node (a local node's files)

@@ -485,6 +485,32 @@ def print_status(snap: dict[str, Any]) -> None:
         out.print(f"[red]problem:[/] {line}", highlight=False)
 
 
+@cli.group("node")
+def node_group() -> None:
+    """Node changes beyond `deploy` (which adds the nodes the spec gained)."""
+
+
+@node_group.command("remove")
+@spec_options
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Confirm: the node's configuration, data and logs on its server are deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result: removed, changed, elapsed_s.")
+@handle_errors
+def node_remove(spec_file: Path | None, state_dir: Path | None, name: str, yes: bool, as_json: bool) -> None:
+    """Remove a worker-only node that was deleted from the spec: drain its worker, stop it,
+    delete its files, and re-apply the rest of the cluster."""
+    cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
+    cluster.check_removable(name)
+    if not yes:
+        raise UserError(f"node remove deletes {name}'s configuration, data and task logs on its server; add --yes to confirm")
+    with locked(cluster, "node remove"):
+        result = cluster.remove_node(name)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"{name} removed from cluster [bold]{cluster.facts.name}[/] in {result['elapsed_s']}s")
+
+
 @cli.group("lb")
 def lb_group() -> None:
     """The external load balancer in front of the cluster (a cloud LB): what it needs, and a check of a real one."""
@@ -556,11 +582,13 @@ def lab() -> None:
               help="Debian release of the hosts.")
 @click.option("--balancer", is_flag=True,
               help="Add a host that stands in for a cloud load balancer (HAProxy configured only from `haflow lb settings`).")
+@click.option("--spares", type=click.IntRange(0, 2), default=0, show_default=True,
+              help="Extra hosts left out of the spec, to add to the cluster (e.g. as worker-only nodes).")
 @click.option("--json", "as_json", is_flag=True, help="The hosts, the SSH key and the spec as JSON.")
 @handle_errors
-def lab_up(nodes: str, release: str, balancer: bool, as_json: bool) -> None:
+def lab_up(nodes: str, release: str, balancer: bool, spares: int, as_json: bool) -> None:
     """Build (once) the base image, start the private network and boot the hosts; idempotent."""
-    result = Lab(say=Progress(not as_json)).up(int(nodes), release, balancer)
+    result = Lab(say=Progress(not as_json)).up(int(nodes), release, balancer, spares)
     if as_json:
         out.print_json(json.dumps(result))
         return

@@ -27,7 +27,7 @@ from haflow.components.base import DesiredState, LayerStatus, Needs
 from haflow.dags import Dags
 from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import ClusterFacts
-from haflow.hosts.base import Host, Target
+from haflow.hosts.base import Host, Machine, Target
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.secrets import Secrets
 from haflow.spec import Spec
@@ -139,13 +139,13 @@ class Cluster:
         changed: list[str] = []
         # first: refuse another cluster's directory, record ours (and fix its mode before any
         # path decision is made from it)
-        self.state.claim(self.spec, self.source)
+        self.state.claim(self.spec, self.source, self.spec_dir)
         self._preflight()  # cheap, and bad input must fail before anything is installed
         changed += self.ensure_secrets()
         changed += self.ensure_prerequisites()
         for node in self.removed_nodes_running():
-            self.say(f"{node} is no longer in the spec but still runs; `haflow down` stops it")
-            changed.append(f"{node}: not in the spec, still running (left alone; `haflow down` stops it)")
+            self.say(f"{node} is no longer in the spec but still runs; `haflow node remove {node}` removes it")
+            changed.append(f"{node}: not in the spec, still running (left alone; `haflow node remove {node}` removes it)")
         file_changes = self._apply_all(changed)
         self._up_dcs(file_changes, changed)
         db = self._up_database(file_changes, changed)
@@ -206,11 +206,11 @@ class Cluster:
 
     def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> patroni.DatabaseStatus:
         self.say("starting Patroni")
-        changed += self._ensure_service(patroni.NAME, self.facts.node_names, file_changes, reload=True,
+        changed += self._ensure_service(patroni.NAME, self.facts.database_names, file_changes, reload=True,
                                         gate=("database", lambda: patroni.probe(self.facts)),
                                         last=patroni.probe(self.facts).leader)
         db = self._wait(
-            f"database (a leader, {len(self.facts.nodes) - 1} streaming replicas"
+            f"database (a leader, {len(self.facts.database_nodes) - 1} streaming replicas"
             + (", a synchronous standby)" if self.spec.database.synchronous_mode else ")"),
             DATABASE_TIMEOUT_S,
             lambda: patroni.probe(self.facts),
@@ -262,16 +262,24 @@ class Cluster:
 
     def _up_broker(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting RabbitMQ (epmd first)")
-        for machine in self.host.machines():
+        for machine in self._broker_machines():
             if self.host.start(machine, rabbitmq.EPMD):
                 changed.append(f"machine {machine.name}: started epmd")
         broker = functools.partial(rabbitmq.probe, self.facts, self.secrets)
-        changed += self._ensure_service(rabbitmq.NAME, self.facts.node_names, file_changes, gate=("broker", broker))
-        self._wait(f"broker ({len(self.facts.nodes)} RabbitMQ nodes running in one cluster, no alarms)",
+        changed += self._ensure_service(rabbitmq.NAME, self._names(self.facts.broker_nodes), file_changes,
+                                        gate=("broker", broker))
+        self._wait(f"broker ({len(self.facts.broker_nodes)} RabbitMQ nodes running in one cluster, no alarms)",
                    BROKER_TIMEOUT_S, broker)
 
+    def _broker_machines(self) -> list[Machine]:
+        return [m for m in self.host.machines() if any(rabbitmq.runs_on(self.facts.node(n)) for n in m.nodes)]
+
+    @staticmethod
+    def _names(nodes: list[Any]) -> list[str]:
+        return [n.name for n in nodes]
+
     def _up_airflow(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
-        nodes = self.facts.node_names
+        nodes = self._names(self.facts.airflow_nodes)
         changed += self.dags.push()
         self._migrate_airflow_db(changed)
         self.say("starting Airflow api-servers")
@@ -282,19 +290,20 @@ class Cluster:
         for service in (airflow.SCHEDULER, airflow.DAG_PROCESSOR, airflow.TRIGGERER):
             changed += self._ensure_service(service, nodes, file_changes, gate=("Airflow", self.airflow_probe))
         self.say("starting Celery workers")
-        changed += self._ensure_service(airflow.WORKER, nodes, file_changes, gate=("Airflow", self.airflow_probe))
+        changed += self._ensure_service(airflow.WORKER, self._names(self.facts.worker_nodes), file_changes,
+                                        gate=("Airflow", self.airflow_probe))
         self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)",
                    AIRFLOW_TIMEOUT_S, lambda: self.airflow_probe())
 
     def _api_servers_probe(self) -> LayerStatus:
-        down = [n.name for n in self.facts.nodes if airflow.api_health(n) is None]
+        down = [n.name for n in self.facts.airflow_nodes if airflow.api_health(n) is None]
         return LayerStatus(not down, (f"api-server not answering on {', '.join(down)}",) if down else ())
 
     def _ensure_airflow_admin(self) -> list[str]:
         """FAB: the generated admin logs in, or is created (or its password reset) so it does."""
         if self.spec.airflow.auth_manager != "fab":
             return []
-        node = self.facts.nodes[0]
+        node = self.facts.airflow_nodes[0]
         if airflow_api.login_works(f"http://{node.api_balancer}", self.secrets):
             return []
         layout = self.host.layout(node.name)
@@ -314,7 +323,7 @@ class Cluster:
         if marker.exists() and postgres.airflow_schema_present(self.facts, self.secrets):
             return
         self.say("migrating the Airflow database (airflow db migrate)")
-        node = self.facts.nodes[0]
+        node = self.facts.airflow_nodes[0]
         layout = self.host.layout(node.name)
         venv = airflow.venv_dir(layout, self.spec.airflow.version)
         rc, out = self.host.run(node.name, [str(venv / "bin/airflow"), "db", "migrate"],
@@ -336,25 +345,25 @@ class Cluster:
             raise ClusterUnhealthy(f"the example DAG run {result['run_id']} ended {result['state']}; see the task logs in the UI")
         return result
 
-    def needs(self) -> Needs:
-        """What every machine must have: the sum of what each component declares."""
-        layout = self.host.layout(self.facts.node_names[0])
+    def needs(self, machine: Machine) -> Needs:
+        """What a machine must have: the sum of what each component its nodes run declares."""
+        layout = self.host.layout(machine.nodes[0])
         total = Needs()
         for component in REGISTRY:
-            total = total + component.needs(self.facts, layout)
+            if any(component.runs_on(self.facts.node(n)) for n in machine.nodes):
+                total = total + component.needs(self.facts, layout)
         return total
 
     def missing_prerequisites(self) -> list[str]:
-        return [f"{m.name}: {p}" for m in self.host.machines() for p in self.host.missing(m, self.needs())]
+        return [f"{m.name}: {p}" for m in self.host.machines() for p in self.host.missing(m, self.needs(m))]
 
     def ensure_prerequisites(self) -> list[str]:
         """Distro packages, system users and runtime venvs on every machine; returns what was
         done (nothing on a re-run)."""
         self.say("checking prerequisites")
-        needs = self.needs()
         machines = self.host.machines()
         with ThreadPoolExecutor(max_workers=len(machines)) as pool:  # servers install in parallel
-            done = list(pool.map(lambda m: self.host.provision(m, needs, self.say), machines))
+            done = list(pool.map(lambda m: self.host.provision(m, self.needs(m), self.say), machines))
         return [c for d in done for c in d]
 
     def _ensure_service(
@@ -417,19 +426,20 @@ class Cluster:
             self.say(f"stopping nodes no longer in the spec: {', '.join(removed)}")
             self._parallel(self.host.stop_node, removed)
         self.say("stopping Celery workers (warm: running tasks finish)")
-        self._parallel(lambda n: self.host.stop(n, airflow.WORKER), nodes)
+        self._parallel(lambda n: self.host.stop(n, airflow.WORKER), self._names(self.facts.worker_nodes))
         self.say("stopping schedulers, triggerers, dag-processors, api-servers")
-        rest = [(n, s) for s in (airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API) for n in nodes]
+        rest = [(n.name, s) for s in (airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API)
+                for n in self.facts.airflow_nodes]
         with ThreadPoolExecutor(max_workers=len(rest)) as pool:
             list(pool.map(lambda ns: self.host.stop(*ns), rest))
         self.say("stopping RabbitMQ")
-        self._parallel(lambda n: self.host.stop(n, rabbitmq.NAME), nodes)
+        self._parallel(lambda n: self.host.stop(n, rabbitmq.NAME), self._names(self.facts.broker_nodes))
         self.say("stopping HAProxy")
         self._parallel(lambda n: self.host.stop(n, haproxy.NAME), nodes)
 
         self.say("stopping Patroni (replicas first, then the leader)")
         leader = patroni.probe(self.facts).leader
-        self._parallel(lambda n: self.host.stop(n, patroni.NAME), [n for n in nodes if n != leader])
+        self._parallel(lambda n: self.host.stop(n, patroni.NAME), [n for n in self.facts.database_names if n != leader])
         if leader:
             self.host.stop(leader, patroni.NAME)
 
@@ -466,6 +476,44 @@ class Cluster:
             raise UserError(f"the cluster is still running ({', '.join(running)}); run `haflow down` first, "
                             "then `haflow down --purge --yes`")
         self.host.purge()
+
+    # --- node changes ---------------------------------------------------------------------------
+    def check_removable(self, name: str) -> None:
+        """A node leaves the cluster only once it left the spec (the spec is the source of truth),
+        and only a worker-only node: a full member holds quorum state (UserError otherwise)."""
+        rec = self.state.record()
+        if name in self.facts.node_names:
+            raise UserError(f"{name} is still in {self.source}; delete it from `nodes:` first (the spec says what the "
+                            f"cluster is), then run `haflow node remove {name}`")
+        if rec is None or name not in rec.nodes:
+            known = ", ".join(self.state.removed_nodes(self.spec)) or "none"
+            raise UserError(f"{name} was never a node of cluster {self.spec.cluster}; nodes that left the spec: {known}")
+        roles = rec.entries.get(name, {}).get("roles")
+        members = {m.get("name") for m in (patroni.cluster_view(self.facts) or {}).get("members", [])}
+        if roles is None or set(roles) != {"worker"} or name in members:
+            raise UserError(f"{name} is a full node (etcd, PostgreSQL and RabbitMQ member); `node remove` takes "
+                            "worker-only nodes so far: put it back in the spec")
+
+    def remove_node(self, name: str) -> dict[str, Any]:
+        """Drain and stop a worker-only node that left the spec, delete its files on its server,
+        forget it, and re-apply the rest (PostgreSQL stops admitting its address), between health
+        gates. Idempotent: a re-run after a failure picks up where it stopped."""
+        t0 = time.monotonic()
+        self.check_removable(name)
+        self.say(f"draining {name}'s Celery worker (running tasks finish)")
+        self.host.stop(name, airflow.WORKER)
+        self.say(f"stopping {name}")
+        self.host.stop_node(name)
+        left = self.host.leftovers(name)
+        if left:
+            raise ClusterUnhealthy(f"{name} still runs after its stop: {', '.join(left)}; nothing was deleted, re-run")
+        self.say(f"deleting {name}'s configuration, data and logs")
+        self.host.purge_node(name)
+        self.applied.forget(name)
+        self.state.forget(name)
+        self.say("re-applying the cluster without it")
+        result = self.up(smoke=False)
+        return {"removed": name, "changed": result["changed"], "elapsed_s": round(time.monotonic() - t0, 1)}
 
     # --- planned operations -------------------------------------------------------------------
     def switchover(self, to: str | None = None, timeout: float = 60) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class NodeFacts:
     name: str
     address: str
     is_etcd_member: bool
+    roles: frozenset[str]  # spec.ROLES it runs; a balancer runs on every node
     etcd_client_url: str
     etcd_peer_url: str
     patroni_api_url: str
@@ -102,6 +103,7 @@ class ClusterFacts:
             name=n.name,
             address=n.address,
             is_etcd_member=member,
+            roles=frozenset(n.roles),
             etcd_client_url=f"http://{hostport(n.address, p.etcd_client)}",
             etcd_peer_url=f"http://{hostport(n.address, p.etcd_peer)}",
             patroni_api_url=f"http://{hostport(n.address, p.patroni_api)}",
@@ -116,6 +118,11 @@ class ClusterFacts:
             api_balancer=hostport(n.address, p.api_balancer),
         )
 
+    # which role binds which port (the balancer's ports are bound on every node)
+    ROLE_PORTS = {"database": ("patroni_api", "postgres"),
+                  "broker": ("rabbitmq_amqp", "rabbitmq_management", "rabbitmq_dist"),
+                  "airflow": ("airflow_api", "trigger_log_server"), "worker": ("worker_log_server",)}
+
     def listen_ports(self, node: str) -> dict[int, str]:
         """Every TCP port a node's services bind on its address, with the spec field naming it."""
         n = self.node(node)
@@ -124,12 +131,15 @@ class ClusterFacts:
         ports["rabbitmq_dist"] = self.rabbit_dist_port(node)
         if not n.is_etcd_member:
             ports = {k: v for k, v in ports.items() if not k.startswith("etcd_")}
+        for role, fields in self.ROLE_PORTS.items():
+            if role not in n.roles:
+                ports = {k: v for k, v in ports.items() if k not in fields}
         return {port: f"ports.{field}" for field, port in ports.items()}
 
     def host_listen_ports(self) -> dict[tuple[str, int], str]:
         """Ports of the machine-wide services: epmd, on every node address and on 127.0.0.1,
         which epmd always binds as well (so two clusters on one machine need two epmd ports)."""
-        ports = {(n.address, self.spec.ports.epmd): "ports.epmd" for n in self.nodes}
+        ports = {(n.address, self.spec.ports.epmd): "ports.epmd" for n in self.broker_nodes}
         ports[("127.0.0.1", self.spec.ports.epmd)] = "ports.epmd"
         return ports
 
@@ -140,6 +150,29 @@ class ClusterFacts:
     @property
     def node_names(self) -> list[str]:
         return [n.name for n in self.nodes]
+
+    def with_role(self, role: str) -> list[NodeFacts]:
+        return [n for n in self.nodes if role in n.roles]
+
+    @property
+    def database_nodes(self) -> list[NodeFacts]:
+        """Patroni + PostgreSQL members."""
+        return self.with_role("database")
+
+    @property
+    def broker_nodes(self) -> list[NodeFacts]:
+        """RabbitMQ cluster members."""
+        return self.with_role("broker")
+
+    @property
+    def airflow_nodes(self) -> list[NodeFacts]:
+        """Airflow's control plane: api-server, scheduler, triggerer, dag-processor candidate."""
+        return self.with_role("airflow")
+
+    @property
+    def worker_nodes(self) -> list[NodeFacts]:
+        """Celery workers."""
+        return self.with_role("worker")
 
     # --- etcd -------------------------------------------------------------------------------
     @property
@@ -177,6 +210,10 @@ class ClusterFacts:
         return nets
 
     @property
+    def database_names(self) -> list[str]:
+        return [n.name for n in self.database_nodes]
+
+    @property
     def pg_primary_endpoints(self) -> list[str]:
         return [n.pg_primary for n in self.nodes]
 
@@ -204,9 +241,12 @@ class ClusterFacts:
 
     def rabbit_peers_in_order(self, node: str) -> list[NodeFacts]:
         """The RabbitMQ nodes a node's balancer tries, its own first, then the next ones round
-        the ring, so clients spread over the broker instead of piling onto one node (P-A5)."""
-        i = self.node_names.index(node)
-        return self.nodes[i:] + self.nodes[:i]
+        the ring, so clients spread over the broker instead of piling onto one node (P-A5); a
+        node without a broker starts at its own place in the ring too."""
+        brokers = self.broker_nodes
+        names = [b.name for b in brokers]
+        i = names.index(node) if node in names else self.node_names.index(node) % len(brokers)
+        return brokers[i:] + brokers[:i]
 
     @property
     def amqp_endpoints(self) -> list[str]:
@@ -215,7 +255,7 @@ class ClusterFacts:
     # --- airflow ----------------------------------------------------------------------------
     @property
     def api_urls(self) -> list[str]:
-        """The Airflow UI/API through each node's balancer."""
+        """The Airflow UI/API through each node's balancer (every node has one)."""
         return [f"http://{n.api_balancer}/" for n in self.nodes]
 
     def worker_log_port(self, node: str) -> int:

@@ -42,12 +42,13 @@ def settings(facts: ClusterFacts) -> dict[str, Any]:
     connections to a target that turns unhealthy. The `--json` of `haflow lb settings`."""
     ports = facts.spec.ports
 
-    def targets(port: int) -> list[dict[str, Any]]:
-        return [{"node": n.name, "address": n.address, "port": port} for n in facts.nodes]
+    def targets(port: int, nodes: list[Any]) -> list[dict[str, Any]]:
+        return [{"node": n.name, "address": n.address, "port": port} for n in nodes]
 
     def pg_service(name: str, path: str, listen: int, what: str) -> dict[str, Any]:
         return {
-            "name": name, "what": what, "protocol": "tcp", "listen_port": listen, "targets": targets(ports.postgres),
+            "name": name, "what": what, "protocol": "tcp", "listen_port": listen,
+            "targets": targets(ports.postgres, facts.database_nodes),
             "health_check": {"protocol": "http", "port": ports.patroni_api, "path": path, "expect_status": 200,
                              **HEALTH_CHECK},
             # a client left on a demoted primary would get read-only errors (or, across a
@@ -64,7 +65,7 @@ def settings(facts: ClusterFacts) -> dict[str, Any]:
                        "PostgreSQL reads: every streaming replica is healthy"),
             {
                 "name": "airflow-api", "what": "the Airflow UI and REST API: every healthy api-server",
-                "protocol": "tcp", "listen_port": ports.airflow_api, "targets": targets(ports.airflow_api),
+                "protocol": "tcp", "listen_port": ports.airflow_api, "targets": targets(ports.airflow_api, facts.airflow_nodes),
                 "health_check": {"protocol": "http", "port": ports.airflow_api, "path": API_HEALTH_PATH,
                                  "expect_status": 200, **HEALTH_CHECK},
                 "close_connections_to_unhealthy_targets": False,  # HTTP: in-flight requests may finish

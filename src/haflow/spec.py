@@ -109,11 +109,37 @@ class Control(_Strict):
         return self
 
 
+# What a node runs besides its balancer (HAProxy, on every node). A full node runs all four: an
+# etcd member (by default), a PostgreSQL member, a RabbitMQ node, Airflow's api-server, scheduler,
+# triggerer and dag-processor candidate, and a Celery worker. A worker-only node adds task capacity
+# without joining any quorum.
+ROLES = ("database", "broker", "airflow", "worker")
+WORKER_ONLY = ("worker",)
+
+
 class Node(_Strict):
     name: str
     address: str
+    roles: list[str] = Field(default_factory=lambda: list(ROLES))
     ssh: Ssh | None = None  # every node or none: a spec is all-local (`up`) or all-SSH (`deploy`)
     control: Control | None = None  # SSH nodes only: power and network control for the drills
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        unknown = [r for r in v if r not in ROLES]
+        if unknown:
+            raise ValueError(f"{_short(unknown[0])} is not a role; roles are {', '.join(ROLES)}")
+        if sorted(set(v)) != sorted(v):
+            raise ValueError("a role is listed twice; list each once")
+        if set(v) not in (set(ROLES), set(WORKER_ONLY)):
+            raise ValueError(f"{', '.join(v) or 'no role'}: a node is either full (every role: remove `roles`) or "
+                             "worker-only ([worker]); other mixes are not supported")
+        return v
+
+    @property
+    def worker_only(self) -> bool:
+        return set(self.roles) == set(WORKER_ONLY)
 
     @model_validator(mode="after")
     def _control_needs_ssh(self) -> "Node":
@@ -314,8 +340,13 @@ class Spec(_Strict):
 
     @property
     def etcd_members(self) -> list[Node]:
-        names = self.etcd.members if self.etcd.members is not None else [n.name for n in self.nodes]
+        names = self.etcd.members if self.etcd.members is not None else [n.name for n in self.full_nodes]
         return [n for n in self.nodes if n.name in names]
+
+    @property
+    def full_nodes(self) -> list[Node]:
+        """The nodes that run the quorums (database, broker) and Airflow's control plane."""
+        return [n for n in self.nodes if not n.worker_only]
 
 
 # --- PostgreSQL parameters ----------------------------------------------------------------------
@@ -388,15 +419,17 @@ def cross_field_problems(data: dict[str, Any]) -> list[str]:
     nodes = [n if isinstance(n, dict) else {} for n in raw_nodes]
     etcd = data.get("etcd") if isinstance(data.get("etcd"), dict) else {}
     problems: list[str] = []
-    if "nodes" in data and len(nodes) < 3:
-        problems.append(f"nodes: {len(nodes)} node(s) given; an HA cluster needs at least 3 (add nodes)")
+    full = [n for n in nodes if not _is_worker_only(n)]
+    if "nodes" in data and len(full) < 3:
+        problems.append(f"nodes: {len(full)} full node(s) given; an HA cluster needs at least 3 that are not "
+                        "worker-only (add nodes)")
     if len(nodes) > MAX_NODES:
         problems.append(f"nodes: {len(nodes)} nodes given; haflow runs at most {MAX_NODES}")
     problems += _duplicates(nodes, "name", lambda v: _valid(v, Node._name))
     problems += _duplicates(nodes, "address", lambda v: _valid(v, Node._address))
     problems += _ssh_mix_problems(nodes)
     names = [str(n.get("name")) for n in nodes]
-    problems += _etcd_member_problems(etcd, names)
+    problems += _etcd_member_problems(etcd, names, [str(n.get("name")) for n in full])
     ports = _valid_ports(data.get("ports"))
     problems += _port_clashes(ports)
     problems += _derived_port_problems(ports, len(nodes))
@@ -427,17 +460,25 @@ def _valid(value: Any, validator: Any) -> Any:
         return None
 
 
-def _etcd_member_problems(etcd: dict[str, Any], names: list[str]) -> list[str]:
+def _is_worker_only(node: dict[str, Any]) -> bool:
+    roles = node.get("roles")
+    return isinstance(roles, list) and set(roles) == set(WORKER_ONLY) and len(roles) == 1
+
+
+def _etcd_member_problems(etcd: dict[str, Any], names: list[str], full: list[str]) -> list[str]:
     explicit = etcd.get("members")
     if explicit is not None and not isinstance(explicit, list):
         return []  # a type error, reported by the model
     if isinstance(explicit, list) and not explicit:
         return ["etcd.members: empty; list an odd number (3 or 5) of the nodes, or remove the key to use every node"]
-    members = [m for m in explicit if isinstance(m, str)] if isinstance(explicit, list) else names
+    members = [m for m in explicit if isinstance(m, str)] if isinstance(explicit, list) else full
     problems = []
     for i, m in enumerate(members if isinstance(explicit, list) and names else []):
         if m not in names:
             problems.append(f"etcd.members[{i}]: {_short(m)} is not a node of this spec; use one of {', '.join(names)}")
+        elif m not in full:
+            problems.append(f"etcd.members[{i}]: {m} is a worker-only node; etcd members run on full nodes "
+                            f"({', '.join(full)})")
     if len(set(members)) != len(members):
         problems.append("etcd.members: a node is listed twice; list each member once")
     if members and len(set(members)) % 2 == 0:

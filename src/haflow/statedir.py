@@ -7,7 +7,8 @@ config, restarts a process or deletes anything (design.md §7):
 - a spec whose cluster name differs from the record's (two specs sharing one `.haflow`, or a
   renamed cluster) is refused, naming both, instead of taking over the other cluster;
 - `down --purge` deletes only a directory that carries a record;
-- nodes stay recorded after they leave the spec, so `down` and `purge` still find them;
+- nodes stay recorded after they leave the spec, with their roles and how their server is
+  reached, so `down`, `purge` and `haflow node remove` still find them;
 - the names of the generated secrets are recorded, so a secrets file that lost some of them is
   told apart from an older one that simply predates a new account.
 """
@@ -18,9 +19,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from haflow.errors import UserError
 from haflow.fsutil import atomic_write
-from haflow.spec import Spec
+from haflow.spec import Node, Spec
 
 RECORD_FILE = "haflow-state.json"
 FORMAT = 1
@@ -31,13 +33,16 @@ NODES_DIR = "nodes"
 class Record:
     cluster: str
     nodes: dict[str, str] = field(default_factory=dict)  # every node ever in the cluster -> address
+    # per node as last deployed: {"roles": [...], "ssh": {host, user, port, key, known_hosts} | None},
+    # key and known_hosts as absolute paths (the spec that named them may be gone)
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)  # ports that cannot change under a running cluster
     secrets: list[str] = field(default_factory=list)  # names of the secrets generated for it
     created: str = ""
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "cluster": self.cluster, "created": self.created, "nodes": self.nodes,
-                           "ports": self.ports, "secrets": sorted(self.secrets)}, indent=1) + "\n"
+                           "entries": self.entries, "ports": self.ports, "secrets": sorted(self.secrets)}, indent=1) + "\n"
 
 
 # A member's peer URL is its identity in etcd's membership: changing it needs etcd's member API.
@@ -57,6 +62,7 @@ class StateDir:
         try:
             data = json.loads(self.record_path.read_text())
             return Record(cluster=str(data["cluster"]), nodes={str(k): str(v) for k, v in data.get("nodes", {}).items()},
+                          entries={str(k): dict(v) for k, v in data.get("entries", {}).items()},
                           ports={str(k): int(v) for k, v in data.get("ports", {}).items()},
                           secrets=[str(s) for s in data.get("secrets", [])], created=str(data.get("created", "")))
         except FileNotFoundError:
@@ -100,7 +106,7 @@ class StateDir:
         return [n.name for n in spec.nodes] + self.removed_nodes(spec)
 
     # --- what `up` does first -----------------------------------------------------------------
-    def claim(self, spec: Spec, source: str) -> Record:
+    def claim(self, spec: Spec, source: str, spec_dir: Path | None = None) -> Record:
         """Record the spec's cluster here (creating the directory), or refuse a change the
         cluster cannot take: another cluster, a node's new address, a new etcd port."""
         self.check_owner(spec, source)
@@ -119,6 +125,7 @@ class StateDir:
             if problems:
                 raise UserError(f"{source}: {len(problems)} change(s) an existing cluster cannot take", details=problems)
         rec.nodes.update({n.name: n.address for n in spec.nodes})
+        rec.entries.update({n.name: node_entry(n, spec_dir or Path.cwd()) for n in spec.nodes})
         rec.ports = {p: getattr(spec.ports, p) for p in FIXED_PORTS}
         self.save(rec)
         return rec
@@ -140,6 +147,14 @@ class StateDir:
                     f"ports.{p}: the cluster's etcd members were created on {old_port}; etcd keeps members by "
                     f"their URLs, so a new {p} would split the cluster: put back {old_port}")
         return problems
+
+    def forget(self, name: str) -> None:
+        """A node removed for good (`haflow node remove`): no longer part of the cluster."""
+        rec = self.record()
+        if rec is not None and name in rec.nodes:
+            rec.nodes.pop(name)
+            rec.entries.pop(name, None)
+            self.save(rec)
 
     def save(self, rec: Record) -> None:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,3 +178,14 @@ class StateDir:
                 "from one `haflow up`")
         self.check_owner(spec, source)
 
+
+
+def node_entry(node: Node, spec_dir: Path) -> dict[str, Any]:
+    """What the record keeps of a node: its roles and how its server is reached."""
+    ssh = None
+    if node.ssh is not None:
+        def absolute(p: str | None) -> str | None:
+            return str((spec_dir / p).expanduser().resolve()) if p else None
+        ssh = {"host": node.ssh.host or node.address, "user": node.ssh.user, "port": node.ssh.port,
+               "key": absolute(node.ssh.key), "known_hosts": absolute(node.ssh.known_hosts)}
+    return {"roles": list(node.roles), "ssh": ssh}

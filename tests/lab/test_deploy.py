@@ -38,11 +38,12 @@ def on(host: str, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab():
-    r = haflow("lab", "up", "--balancer", "--json")
+    r = haflow("lab", "up", "--balancer", "--spares", "1", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout)
     yield {**info, "spec_path": Path(info["spec"]), "names": [h["name"] for h in info["hosts"] if h["role"] == "node"],
-           "balancer": next(h for h in info["hosts"] if h["role"] == "balancer")}
+           "balancer": next(h for h in info["hosts"] if h["role"] == "balancer"),
+           "spare": next(h for h in info["hosts"] if h["role"] == "spare")}
     haflow("down", "-f", info["spec"])
     r = haflow("lab", "down")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -239,6 +240,53 @@ def test_lb_check_follows_a_switchover_through_the_stand_in_cloud_balancer(lab):
     # its read-only port reaches a replica, which `lb check` rightly calls wrong for writes
     r = haflow("lb", "check", f"{address}:5433", "--json", "-f", str(lab["spec_path"]))
     assert r.returncode == 1 and not json.loads(r.stdout)["reaches_primary"], r.stdout
+
+
+def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
+    """The spec gains a worker-only server: deploy adds it without restarting the others and its
+    worker runs tasks; deleted from the spec, `node remove` drains it, deletes its files, and the
+    cluster stays healthy and runs DAGs."""
+    spare = lab["spare"]
+    data = yaml.safe_load(lab["spec_path"].read_text())
+    data["nodes"].append({"name": spare["name"], "address": spare["address"], "roles": ["worker"],
+                          "ssh": dict(data["nodes"][0]["ssh"])})
+    grown = lab["spec_path"].parent / "cluster-grown.yaml"  # same folder: the same state directory
+    grown.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = haflow("deploy", "-f", str(grown), "--json")
+    assert r.returncode == 0, (r.stderr[-4000:], r.stdout[-2000:])
+    result = json.loads(r.stdout)
+    assert result["status"]["healthy"], result["status"]
+    assert set(result["deploy"]["hosts"][spare["name"]]["started"]) == {"haproxy", "airflow-worker"}, result["deploy"]
+    for name in lab["names"]:  # the full nodes: PostgreSQL admits the new address (a reload), nothing restarts
+        assert result["deploy"]["hosts"][name]["restarted"] == [], result["deploy"]["hosts"]
+    units = on(spare["name"], "systemctl list-units --plain --no-legend 'haflow-lab-*.service' | awk '{print $1}'").split()
+    assert sorted(units) == ["haflow-lab-airflow-worker.service", "haflow-lab-haproxy.service"], units
+    ran_on: list[str] = []
+    for _ in range(3):  # 20 tasks over 4 workers: the new one takes some (asked again if not, at most twice)
+        r = haflow("dags", "trigger", "haflow_fanout", "--json", "-f", str(grown))
+        run = json.loads(r.stdout)
+        assert r.returncode == 0 and run["state"] == "success", (run, r.stderr[-2000:])
+        ran_on = run["nodes"]
+        if spare["name"] in ran_on:
+            break
+    assert spare["name"] in ran_on, ran_on
+
+    # still in the spec: refused, nothing touched
+    r = haflow("node", "remove", spare["name"], "--yes", "-f", str(grown))
+    assert r.returncode == 2 and "delete it from `nodes:` first" in r.stderr, r.stderr
+    r = haflow("node", "remove", "lab1", "--yes", "-f", str(lab["spec_path"]))
+    assert r.returncode == 2 and "still in" in r.stderr, r.stderr
+    r = haflow("node", "remove", spare["name"], "--yes", "--json", "-f", str(lab["spec_path"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["removed"] == spare["name"]
+    assert on(spare["name"], "ls /etc/haflow /var/lib/haflow /etc/systemd/system 2>/dev/null | grep -c lab; true").strip() == "0"
+    assert on("lab1", f"grep -c {spare['address']} /var/lib/haflow/lab/pg/patroni.yml; true").strip() == "0"
+    snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)
+    assert snap["healthy"] and snap["removed_nodes"] == [], snap
+    assert sorted(snap["layers"]["airflow"]["workers"]) == sorted(f"{n}@lab" for n in lab["names"]), snap
+    r = haflow("dags", "trigger", "haflow_example", "--json", "-f", str(lab["spec_path"]))
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "success", r.stderr[-2000:]
+    grown.unlink()
 
 
 def test_down_stops_every_unit_and_purge_removes_the_cluster(lab):

@@ -161,6 +161,9 @@ class RecordingHost:
         name = self._name(target)
         return [k for k in self.up if k.startswith(f"{name}/")] if name not in self.booted else []
 
+    def purge_node(self, node: str) -> None:
+        self.calls.append(("purge_node", node))
+
     def purge(self) -> None:
         pass
 

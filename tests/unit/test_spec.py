@@ -58,7 +58,7 @@ def test_fewer_than_three_nodes():
         d["nodes"] = d["nodes"][:2]
         d["etcd"]["members"] = ["node1"]
     lines = problems(two)
-    assert any(l.startswith("nodes: 2 node(s) given; an HA cluster needs at least 3") for l in lines)
+    assert any(l.startswith("nodes: 2 full node(s) given; an HA cluster needs at least 3") for l in lines)
 
 
 def test_even_etcd_member_count():

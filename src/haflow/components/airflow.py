@@ -31,6 +31,7 @@ TRIGGERER = "airflow-triggerer"
 WORKER = "airflow-worker"
 DAG_PROCESSOR = "airflow-dag-processor"
 SERVICES = (API, SCHEDULER, DAG_PROCESSOR, TRIGGERER, WORKER)
+ROLE_OF = {API: "airflow", SCHEDULER: "airflow", DAG_PROCESSOR: "airflow", TRIGGERER: "airflow", WORKER: "worker"}
 CONFIG_MODULE = "haflow_airflow"
 ELECTOR = "dag_processor_elect.py"
 ELECTOR_PASSWORD_ENV = "HAFLOW_ETCD_PASSWORD"
@@ -54,6 +55,10 @@ def constraints_digest(version: str) -> str:
 def requirements(version: str) -> list[str]:
     return [f"apache-airflow[celery,postgres]=={version}", "apache-airflow-providers-fab",
             "--constraint", str(constraints_file(version))]
+
+
+def runs_on(node: NodeFacts) -> bool:
+    return bool(node.roles & {"airflow", "worker"})
 
 
 def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
@@ -236,7 +241,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
             Directory(layout.task_logs, 0o2770, user, group_tree=True),
         ],
         files=files,
-        services=[
+        services=[s for s in [
             svc(API, [airflow, "api-server", "--host", node.address, "--port", str(facts.spec.ports.airflow_api),
                       "--workers", str(af.api_workers)]),
             svc(SCHEDULER, [airflow, "scheduler"]),
@@ -253,7 +258,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
                          "--without-gossip", "--without-mingle", *skip_logs],  # Airflow uses neither
                 stop_timeout_s=min(af.task_execution_timeout_s, 600), environment=worker_env(e, layout),
                 as_user=worker_user, cwd=wh),
-        ],
+        ] if ROLE_OF[s.name] in node.roles],
     )
 
 
@@ -302,13 +307,13 @@ def ping_workers(facts: ClusterFacts, secrets: Secrets, timeout: float = 2.0) ->
     from celery import Celery
 
     mq = secrets["rabbitmq_airflow"]
-    for node in facts.nodes:
+    for node in facts.nodes:  # every node's balancer reaches the broker
         app = Celery(broker=f"amqp://{mq.username}:{mq.password}@{node.amqp_balancer}/airflow")
         app.conf.broker_connection_retry = False
         app.conf.broker_connection_timeout = 2
         try:
-            # every node runs one worker: stop waiting once all answered (else the full timeout)
-            replies = app.control.ping(timeout=timeout, limit=len(facts.nodes)) or []
+            # every worker node runs one worker: stop waiting once all answered (else the full timeout)
+            replies = app.control.ping(timeout=timeout, limit=len(facts.worker_nodes)) or []
             return sorted(name for reply in replies for name in reply)
         except Exception:  # this balancer's broker route is down: ask through the next node
             continue
@@ -353,17 +358,17 @@ class AirflowStatus(LayerStatus):
 def probe(facts: ClusterFacts, secrets: Secrets, dags: dict[str, Any], endpoint: str) -> AirflowStatus:
     """Layer status: api-servers with health; schedulers, dag-processors and triggerers with
     their last heartbeat age; the dag-processor lease holder; Celery workers that answer; DAGs."""
-    api = tuple(ApiServerHealth(n.name, api_health(n) is not None) for n in facts.nodes)
+    api = tuple(ApiServerHealth(n.name, api_health(n) is not None) for n in facts.airflow_nodes)
     jobs = layer_jobs(facts, secrets, endpoint)
     groups: dict[str, list[JobHeartbeat]] = {v: [] for v in JOB_TYPES.values()}
     for j in sorted(jobs, key=lambda j: (j["node"] or "", j["heartbeat_age_s"])):
         groups[JOB_TYPES[j["type"]]].append(JobHeartbeat(j["node"], j["heartbeat_age_s"]))
     workers = ping_workers(facts, secrets)
-    expected_workers = [worker_name(facts, n.name) for n in facts.nodes]
+    expected_workers = [worker_name(facts, n.name) for n in facts.worker_nodes]
     problems = [f"api-server on {a.node} not healthy" for a in api if not a.healthy]
     for kind in ("schedulers", "triggerers"):
         fresh = {j.node for j in groups[kind] if j.heartbeat_age_s < HEARTBEAT_STALE_S}
-        missing = [n for n in facts.node_names if n not in fresh]
+        missing = [n.name for n in facts.airflow_nodes if n.name not in fresh]
         if missing:
             problems.append(f"{kind[:-1]} without a fresh heartbeat on {', '.join(missing)}")
     fresh_dp = [j for j in groups["dag_processors"] if j.heartbeat_age_s < HEARTBEAT_STALE_S]

@@ -6,6 +6,8 @@ Every component module (etcd, patroni, haproxy, rabbitmq, airflow; listed once i
 - ``NAME`` and ``render(facts, node, layout, secrets) -> DesiredState``: the files (owner, mode),
   directories and services (argv, env, user, and any daemon a service forks that must die with
   it) one node needs;
+- ``runs_on(node) -> bool``: whether the node runs any of it (by its roles): a machine is
+  provisioned only with the ``needs`` of what its nodes run;
 - ``needs(facts, layout) -> Needs``: what must be installed on a machine first (distro packages,
   runtime venvs, system users);
 - ``probe(...)``: the layer's health, read over the network from the control machine.

@@ -57,6 +57,10 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str
     }
 
 
+def runs_on(node: NodeFacts) -> bool:
+    return node.is_etcd_member
+
+
 def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
     return Needs(packages=(Package("etcd-server", "etcd", commands=(BINARY,)),
                            Package("etcd-client", "etcdctl", commands=("etcdctl",))),
@@ -64,7 +68,7 @@ def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
 
 
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets | None = None) -> DesiredState:
-    if not node.is_etcd_member:
+    if not runs_on(node):
         return DesiredState()
     conf = layout.services / "etcd.yaml"
     user = layout.user(NAME)

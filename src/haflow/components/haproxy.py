@@ -30,7 +30,8 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secret
         "haproxy.cfg.j2",
         cluster=facts.name,
         node=node,
-        nodes=facts.nodes,
+        database_nodes=facts.database_nodes,
+        airflow_nodes=facts.airflow_nodes,
         ports=facts.spec.ports,
         stats_socket=layout.haproxy_socket,
         rabbit_order=facts.rabbit_peers_in_order(node.name),
@@ -39,6 +40,10 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secret
         rise=b.rise,
         stats_auth=f"{stats.username}:{stats.password}",
     )
+
+
+def runs_on(node: NodeFacts) -> bool:
+    return True  # every node's clients reach the cluster through their own balancer
 
 
 def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:

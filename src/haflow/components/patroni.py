@@ -184,6 +184,10 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     }
 
 
+def runs_on(node: NodeFacts) -> bool:
+    return "database" in node.roles
+
+
 def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
     pg = layout.postgres_version
     version = facts.spec.database.patroni_version
@@ -198,6 +202,8 @@ def postmaster(layout: NodeLayout) -> Forks:
 
 
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
+    if not runs_on(node):
+        return DesiredState()
     conf = config_path(layout)
     venv = venv_dir(layout, facts.spec.database.patroni_version)
     user = layout.db_user
@@ -234,7 +240,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
 
 def cluster_view(facts: ClusterFacts, timeout: float = 2.0) -> dict[str, Any] | None:
     """Patroni's `/cluster` document from the first member that answers."""
-    for node in facts.nodes:
+    for node in facts.database_nodes:
         try:
             r = httpx.get(f"{node.patroni_api_url}/cluster", timeout=timeout)
             if r.status_code == 200:
@@ -281,7 +287,7 @@ def probe(facts: ClusterFacts) -> DatabaseStatus:
     """Layer status: one running leader, every other member streaming, a synchronous standby."""
     view = cluster_view(facts) or {"members": []}
     by_name = {m.get("name"): m for m in view.get("members", [])}
-    members = [_member(name, by_name.get(name)) for name in facts.node_names]
+    members = [_member(name, by_name.get(name)) for name in facts.database_names]
     leaders = [m for m in members if m.role == "leader" and m.state == "running"]
     problems = []
     if len(leaders) != 1:

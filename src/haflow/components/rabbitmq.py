@@ -81,7 +81,7 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> str
         # the longest task, or RabbitMQ closes the worker's channel (apache/airflow#15799).
         f"consumer_timeout = {spec.broker.consumer_timeout_s * 1000}",
         "cluster_formation.peer_discovery_backend = classic_config",
-        *[f"cluster_formation.classic_config.nodes.{i + 1} = {facts.rabbit_node_name(n.name)}" for i, n in enumerate(facts.nodes)],
+        *[f"cluster_formation.classic_config.nodes.{i + 1} = {facts.rabbit_node_name(n.name)}" for i, n in enumerate(facts.broker_nodes)],
         "definitions.import_backend = local_filesystem",
         f"definitions.local.path = {home(layout) / 'definitions.json'}",
     ]
@@ -113,12 +113,18 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, s
     }
 
 
+def runs_on(node: NodeFacts) -> bool:
+    return "broker" in node.roles
+
+
 def needs(facts: ClusterFacts, layout: NodeLayout) -> Needs:
     return Needs(packages=(Package("rabbitmq-server", "rabbitmq-server", commands=(EPMD,), paths=(SERVER,)),),
                  users=tuple(u for u in [layout.user(NAME)] if u))
 
 
 def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> DesiredState:
+    if not runs_on(node):
+        return DesiredState()
     h = home(layout)
     user = layout.user(NAME)
     files = [
@@ -151,8 +157,11 @@ def render_machine(facts: ClusterFacts, layout: NodeLayout, nodes: tuple[str, ..
     """What a machine runs once for its nodes: one epmd, started before them (P-R4): if a node
     started one itself, it would daemonize on 0.0.0.0 with no supervisor. It runs as RabbitMQ's
     user and listens on the addresses of the machine's nodes."""
+    brokers = [n for n in nodes if runs_on(facts.node(n))]
+    if not brokers:  # a machine of worker-only nodes: no RabbitMQ, no epmd
+        return DesiredState()
     binary = shutil.which(EPMD) or "/usr/bin/epmd"
-    addresses = ",".join(facts.node(n).address for n in nodes)
+    addresses = ",".join(facts.node(n).address for n in brokers)
     argv = (binary, "-address", addresses, "-port", str(facts.spec.ports.epmd))
     return DesiredState(services=[Service(EPMD, argv, user=layout.user(NAME), cwd=Path("/"), stop_timeout_s=5)])
 
@@ -205,12 +214,12 @@ class BrokerStatus(LayerStatus):
 
     @classmethod
     def unknown(cls, facts: ClusterFacts, reason: str) -> "BrokerStatus":
-        return cls(healthy=False, problems=(reason,), members=tuple(BrokerMember(n, False, (), ()) for n in facts.node_names),
+        return cls(healthy=False, problems=(reason,), members=tuple(BrokerMember(n.name, False, (), ()) for n in facts.broker_nodes),
                    quorum_queues=(), classic_queues=(), endpoints=_endpoints(facts))
 
 
 def _endpoints(facts: ClusterFacts) -> dict[str, list[str]]:
-    return {"amqp": facts.amqp_endpoints, "management": [n.rabbitmq_management_url for n in facts.nodes]}
+    return {"amqp": facts.amqp_endpoints, "management": [n.rabbitmq_management_url for n in facts.broker_nodes]}
 
 
 def probe(facts: ClusterFacts, secrets: Secrets) -> BrokerStatus:
@@ -218,7 +227,7 @@ def probe(facts: ClusterFacts, secrets: Secrets) -> BrokerStatus:
     queues with their leader and member count."""
     by_name: dict[str, dict[str, Any]] = {}
     queues: list[dict[str, Any]] | None = None
-    for node in facts.nodes:
+    for node in facts.broker_nodes:
         nodes = _api(node, secrets, "/api/nodes")
         if nodes is None:
             continue
@@ -227,7 +236,7 @@ def probe(facts: ClusterFacts, secrets: Secrets) -> BrokerStatus:
         queues = _api(node, secrets, f"/api/queues/{VHOST}")
         break
     members, problems = [], []
-    for node in facts.nodes:
+    for node in facts.broker_nodes:
         info = by_name.get(facts.rabbit_node_name(node.name), {})
         alarms = [a for a in ("mem_alarm", "disk_free_alarm") if info.get(a)]
         m = BrokerMember(node.name, bool(info.get("running")), tuple(alarms), tuple(info.get("partitions", [])))

@@ -114,7 +114,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     opts = opts or DrillOptions()
     if opts.node is not None:
         cluster.facts.node(opts.node)  # unknown node -> UserError naming the known ones
-    for n in [opts.node] if opts.node else cluster.facts.node_names:
+    for n in [opts.node] if opts.node else [f.name for f in cluster.spec.full_nodes]:
         control.require(cluster.spec, n, scenario.needs, name)
 
     down = [n for n in cluster.facts.node_names if not cluster.host.running(n)]

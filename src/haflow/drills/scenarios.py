@@ -87,7 +87,8 @@ def _busiest_worker(cluster: Cluster) -> str:
 
 
 def _first_node(cluster: Cluster) -> str:
-    return cluster.facts.node_names[0]
+    """The first node running Airflow's control plane (scheduler, api-server)."""
+    return cluster.facts.airflow_nodes[0].name
 
 
 def _kill(service: str, label: str) -> Callable[[Cluster, str], Fault]:
@@ -169,5 +170,6 @@ ALL = list(SCENARIOS)
 
 
 def runnable(spec: Spec) -> list[str]:
-    """The scenarios the spec's nodes can undergo (node-partition needs network control)."""
-    return [name for name, sc in SCENARIOS.items() if all(control.can(spec, n.name, sc.needs) for n in spec.nodes)]
+    """The scenarios the spec's nodes can undergo (node-partition needs network control on every
+    full node: its victim is the primary's)."""
+    return [name for name, sc in SCENARIOS.items() if all(control.can(spec, n.name, sc.needs) for n in spec.full_nodes)]

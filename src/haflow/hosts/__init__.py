@@ -14,8 +14,17 @@ def for_spec(spec: Spec, state_dir: Path, spec_dir: Path | None = None) -> Host:
     `ssh`, each node on its own server (systemd units, hosts/ssh.py)."""
     if any(n.ssh is not None for n in spec.nodes):
         from haflow.hosts.ssh import SshHost
+        from haflow.hosts.ssh_transport import SshTarget
+        from haflow.statedir import StateDir
 
-        return SshHost(spec, state_dir, spec_dir, check=lab_route_check)
+        # servers of nodes that left the spec stay reachable (as the record says) to be stopped
+        # and removed: `down`, `haflow node remove`
+        state = StateDir(state_dir)
+        entries = (state.record().entries if state.record() else {})
+        former = [SshTarget(name, e["ssh"]["host"], e["ssh"]["user"], e["ssh"]["port"], e["ssh"]["key"],
+                            e["ssh"]["known_hosts"])
+                  for name in state.removed_nodes(spec) if (e := entries.get(name)) and e.get("ssh")]
+        return SshHost(spec, state_dir, spec_dir, check=lab_route_check, former=former)
     from haflow.hosts.local import LocalHost
 
     return LocalHost(state_dir, spec.cluster, tuple(n.name for n in spec.nodes), spec.database.postgres_version)

@@ -590,6 +590,12 @@ class LocalHost:
         refs = {r.pid: r for r in [*self._stopped.get(node, []), *self.processes(node)]}
         return [f"{r.label}[{r.pid}]" for r in wait_gone(list(refs.values()), timeout)]
 
+    def purge_node(self, node: str) -> None:
+        """The node's own folders: config, data, logs, sockets (the shared task logs stay)."""
+        layout = self.layout(node)
+        for path in (layout.db_root, layout.services, layout.root, layout.run):
+            shutil.rmtree(path, ignore_errors=True)
+
     def purge(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         shutil.rmtree(self._db_base(), ignore_errors=True)

@@ -57,7 +57,7 @@ class SshHost:
     kind = "ssh"
 
     def __init__(self, spec: Spec, state_dir: Path, spec_dir: Path | None = None,
-                 check: Callable[[str], None] | None = None) -> None:
+                 check: Callable[[str], None] | None = None, former: list[SshTarget] | tuple[SshTarget, ...] = ()) -> None:
         self.spec = spec
         self.cluster = spec.cluster
         self.state_dir = state_dir
@@ -68,7 +68,9 @@ class SshHost:
 
         self.targets = [SshTarget(n.name, n.ssh.host or n.address, n.ssh.user, n.ssh.port, path(n.ssh.key),
                                   path(n.ssh.known_hosts)) for n in spec.nodes if n.ssh]
-        self.pool = SshPool(self.targets, check)
+        # servers of nodes that left the spec: reached only when asked (to stop or remove them)
+        self.former = {t.name for t in former}
+        self.pool = SshPool([*self.targets, *former], check)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="haflow-ssh", daemon=True)
         self._thread.start()
@@ -85,7 +87,7 @@ class SshHost:
 
     def connect(self) -> dict[str, str]:
         """Open every server's connection at once; returns the ones that failed, with why."""
-        return self._await(self.pool.connect_all())
+        return self._await(self.pool.connect_all(self.node_names))
 
     def close(self) -> None:
         if self._loop.is_running():
@@ -94,6 +96,9 @@ class SshHost:
 
     def sh(self, node: str, command: str, stdin: str | bytes | None = None, timeout: float = 600) -> Result:
         """A shell command on the node's server, as root."""
+        if node not in self.pool.targets:
+            raise RemoteError(f"{node}: haflow does not know how to reach its server (it left the spec before haflow "
+                              "recorded its ssh settings); put it back in the spec to stop or remove it")
         try:
             return self._await(self.pool.run(node, command, stdin, timeout))
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
@@ -530,18 +535,20 @@ class SshHost:
                 return left
             time.sleep(0.5)
 
-    def purge(self) -> None:
-        """Remove the cluster's units, configuration, data and logs from every server; the
+    def purge_node(self, node: str) -> None:
+        """Remove the cluster's units, configuration, data and logs from the node's server; the
         packages, users and venvs stay (other clusters may use them)."""
-        def one(node: str) -> None:
-            layout = self.layout(node)
-            units = " ".join(shlex.quote(str(UNIT_DIR / u)) for u in [*self._installed_units(node), self.target_unit])
-            paths = " ".join(shlex.quote(str(p)) for p in (layout.root, layout.services, layout.run, layout.logs,
-                                                            TMPFILES_DIR / f"haflow-{self.cluster}-{node}.conf"))
-            r = self.sh(node, f"set -e; rm -rf {paths} {units} {UNIT_DIR}/{self.target_unit}.wants; systemctl daemon-reload")
-            if not r.ok:
-                raise RemoteError(f"{node}: could not remove the cluster's files: {r.stderr.strip()[-200:]}")
-        self.each(one)
+        layout = self.layout(node)
+        units = " ".join(shlex.quote(str(UNIT_DIR / u)) for u in [*self._installed_units(node), self.target_unit])
+        paths = " ".join(shlex.quote(str(p)) for p in (layout.root, layout.services, layout.run, layout.logs,
+                                                        TMPFILES_DIR / f"haflow-{self.cluster}-{node}.conf"))
+        r = self.sh(node, f"set -e; rm -rf {paths} {units} {UNIT_DIR}/{self.target_unit}.wants; systemctl daemon-reload")
+        if not r.ok:
+            raise RemoteError(f"{node}: could not remove the cluster's files: {r.stderr.strip()[-200:]}")
+
+    def purge(self) -> None:
+        """purge_node on every server, then the state directory."""
+        self.each(self.purge_node)
         shutil.rmtree(self.state_dir, ignore_errors=True)  # its secrets and records: last, once the servers are clean
 
 

@@ -56,9 +56,10 @@ class SshPool:
         self.check = check
         self._conns: dict[str, asyncssh.SSHClientConnection] = {}
 
-    async def connect_all(self) -> dict[str, str]:
-        """Open every connection at once; returns the hosts that failed with why (empty: all up)."""
-        names = list(self.targets)
+    async def connect_all(self, names: list[str] | None = None) -> dict[str, str]:
+        """Open every connection (or those named) at once; returns the hosts that failed with why
+        (empty: all up)."""
+        names = list(self.targets) if names is None else names
         results = await asyncio.gather(*(self._connect(n) for n in names), return_exceptions=True)
         return {n: f"{type(r).__name__}: {r}" for n, r in zip(names, results) if isinstance(r, BaseException)}
 

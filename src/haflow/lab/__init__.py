@@ -44,6 +44,10 @@ TOOLS = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap", "n
 Say = Callable[[str], None]
 
 
+SPARE_ADDRESS_INDEX = 30  # spare1 is 10.213.0.41: clear of the nodes (.11-.15) and the balancer (.60)
+MAX_SPARES = 2
+
+
 class Lab:
     def __init__(self, root: Path = LAB_DIR, say: Say = lambda _: None) -> None:
         self.root = root
@@ -59,7 +63,7 @@ class Lab:
             return None
 
     def hosts(self, role: str | None = None) -> list[LabHost]:
-        """The lab's hosts (with `role`: only the nodes, or only the balancer)."""
+        """The lab's hosts (with `role`: only the nodes, the balancer or the spares)."""
         rec = self.record() or {"hosts": []}
         return [LabHost(self.root, h["name"], h["address"]) for h in rec["hosts"]
                 if role is None or h.get("role", "node") == role]
@@ -72,13 +76,17 @@ class Lab:
         raise UserError(f"no lab host {name!r}; lab hosts: {known}")
 
     # --- up -----------------------------------------------------------------------------------------
-    def up(self, nodes: int = 3, release: str = image.DEFAULT_RELEASE, balancer: bool = False) -> dict[str, Any]:
+    def up(self, nodes: int = 3, release: str = image.DEFAULT_RELEASE, balancer: bool = False,
+           spares: int = 0) -> dict[str, Any]:
         """Bring the lab up (idempotent: a running lab of the same shape is left as it is; a
-        balancer host asked for later is added)."""
+        balancer host or spare hosts asked for later are added). Spare hosts (`spare1`, ...) are
+        booted but left out of the spec: servers to add to the cluster (a worker-only node)."""
         t0 = time.monotonic()
         check_can_run(install=True, say=self.say)
         if nodes not in NODE_COUNTS:
             raise UserError(f"--nodes {nodes}: the lab has 3 or 5 hosts")
+        if not 0 <= spares <= MAX_SPARES:
+            raise UserError(f"--spares {spares}: the lab has 0-{MAX_SPARES} spare hosts")
         if release not in image.RELEASES:
             raise UserError(f"--release {release}: choose one of {', '.join(image.RELEASES)}")
         rec = self.record()
@@ -95,6 +103,9 @@ class Lab:
         if balancer or (rec and any(h.get("role") == "balancer" for h in rec["hosts"])):
             wanted.append({"name": lab_balancer.NAME, "address": net.host_address(lab_balancer.ADDRESS_INDEX),
                            "role": "balancer"})
+        had_spares = len([h for h in rec["hosts"] if h.get("role") == "spare"]) if rec else 0
+        wanted += [{"name": f"spare{i}", "address": net.host_address(SPARE_ADDRESS_INDEX + i), "role": "spare"}
+                   for i in range(1, max(spares, had_spares) + 1)]
         if rec is None or len(rec["hosts"]) != len(wanted):
             atomic_write(self.run / RECORD, json.dumps({"release": release, "hosts": wanted}, indent=1), 0o600)
         self.say("bringing up the lab network")
