@@ -21,7 +21,7 @@ from haflow.components import airflow, airflow_api, etcd, haproxy, patroni, post
 from haflow.components.base import DesiredState, LayerStatus, Needs
 from haflow.drills import scenarios
 from haflow.drills.scenarios import Fault
-from haflow.errors import ClusterUnhealthy
+from haflow.errors import ClusterUnhealthy, UserError
 from haflow.facts import NodeLayout
 from haflow.fsutil import tree_checksum
 from haflow.hosts.base import Change, Host, Instance, Machine, Say, Target
@@ -207,10 +207,12 @@ def _layers(host: RecordingHost, names: list[str], fail: str | None) -> dict[str
 @pytest.fixture
 def recorded(tmp_path, monkeypatch):
     """A Cluster on a RecordingHost, with the layers' probes answering from it."""
-    def make(fail: str | None = None) -> tuple[Cluster, RecordingHost]:
-        spec = parse_spec(yaml.safe_load(default_spec_text()))
-        names = [n.name for n in spec.nodes]
-        host = RecordingHost(tmp_path / "host", tuple(names))
+    def make(fail: str | None = None, extra: tuple[dict[str, Any], ...] = ()) -> tuple[Cluster, RecordingHost]:
+        data = yaml.safe_load(default_spec_text())
+        data["nodes"] += list(extra)
+        spec = parse_spec(data)
+        names = [n.name for n in spec.full_nodes]  # the layers' probes ask the full nodes
+        host = RecordingHost(tmp_path / "host", tuple(n.name for n in spec.nodes))
         assert isinstance(host, Host)  # the contract, checked structurally
         probes = _layers(host, names, fail)
         for module, attr, key in [(etcd, "probe", "etcd"), (etcd, "leader_name", "etcd_leader"),
@@ -401,3 +403,49 @@ def test_orchestration_status_and_drills_import_no_host_implementation():
         imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         bad = {m for m in imported if any(m == f or m.startswith(f + ".") for f in forbidden)}
         assert not bad, f"{path.name} imports {bad}"
+
+
+WORKER_NODE = {"name": "w1", "address": "127.0.0.54", "roles": ["worker"]}
+
+
+def test_a_worker_only_node_starts_its_balancer_and_worker_after_the_layers_it_needs(recorded):
+    cluster, host = recorded(extra=(WORKER_NODE,))
+    cluster.up(smoke=False)
+    assert [s for n, s in _starts(host) if n == "w1"] == [haproxy.NAME, airflow.WORKER]
+    first_worker = host.calls.index(("start", "w1", airflow.WORKER))
+    assert ("start", "node1", airflow.API) in host.calls[:first_worker]
+    assert ("put_tree", "w1") in [c[:2] for c in host.calls]  # it gets the DAGs like every node
+
+
+def test_node_remove_takes_a_worker_that_left_the_spec_and_refuses_anything_else(recorded, tmp_path):
+    grown, host = recorded(extra=(WORKER_NODE,))
+    grown.up(smoke=False)
+    with pytest.raises(UserError, match="w1 is still in .*delete it from `nodes:` first"):
+        grown.remove_node("w1")
+    host.nodes = ("node1", "node2", "node3")  # the spec without w1, on the same servers and state
+    cluster = Cluster(parse_spec(yaml.safe_load(default_spec_text())), tmp_path / "state", host=host)
+    with pytest.raises(UserError, match="never a node of cluster"):
+        cluster.check_removable("w9")
+    with pytest.raises(UserError, match="node1 is still in"):
+        cluster.check_removable("node1")
+    assert cluster.state.removed_nodes(cluster.spec) == ["w1"]
+    host.calls.clear()
+    result = cluster.remove_node("w1")
+    assert result["removed"] == "w1"
+    drain, purge = host.calls.index(("stop", "w1", airflow.WORKER)), host.calls.index(("purge_node", "w1"))
+    assert drain < purge and "w1" not in host.booted and not host.leftovers("w1")
+    assert host.calls[purge + 1][0] != "purge_node" and any(c[0] == "apply" for c in host.calls[purge:])  # re-applied
+    assert cluster.state.removed_nodes(cluster.spec) == [] and "w1" not in cluster.state.record().entries
+
+
+def test_node_remove_refuses_a_full_node_that_left_the_spec(recorded, tmp_path):
+    grown, host = recorded(extra=({"name": "node4", "address": "127.0.0.54"}, {"name": "node5", "address": "127.0.0.55"}))
+    grown.state.claim(grown.spec, "grown.yaml")  # what `up` records first
+    data = yaml.safe_load(default_spec_text())
+    data["nodes"].append({"name": "node4", "address": "127.0.0.54"})
+    data["etcd"]["members"] = ["node1", "node2", "node3"]
+    host.nodes = ("node1", "node2", "node3", "node4")
+    cluster = Cluster(parse_spec(data), tmp_path / "state", host=host)
+    with pytest.raises(UserError, match="node5 is a full node"):
+        cluster.remove_node("node5")
+    assert ("purge_node", "node5") not in host.calls
