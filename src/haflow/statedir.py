@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from haflow.errors import UserError
 from haflow.fsutil import atomic_write
-from haflow.spec import Node, Spec
+from haflow.spec import ROLES, WORKER_ONLY, Node, Spec
 
 RECORD_FILE = "haflow-state.json"
 FORMAT = 1
@@ -135,6 +135,17 @@ class StateDir:
         problems = []
         for i, n in enumerate(spec.nodes):
             old = rec.nodes.get(n.name)
+            # a record older than roles knew full nodes only
+            old_roles = set(rec.entries.get(n.name, {}).get("roles") or ROLES) if old is not None else None
+            if old_roles is not None and old_roles != set(n.roles):
+                problems.append(
+                    f"nodes[{i}].roles: {n.name} was created as a {_kind(old_roles)} node; a node cannot change what "
+                    f"it runs: put back its roles, or remove it and add a new node")
+            elif old is None and not n.worker_only and rec.secrets:
+                problems.append(
+                    f"nodes[{i}]: {n.name} would be a new full node of a running cluster; adding etcd, PostgreSQL and "
+                    "RabbitMQ members to a cluster is not supported yet: add it as `roles: [worker]`, or build a new "
+                    "cluster with it")
             if old is not None and old != n.address:
                 problems.append(
                     f"nodes[{i}].address: {n.name} was created at {old}; a node's address is part of its etcd peer URL "
@@ -178,6 +189,10 @@ class StateDir:
                 "from one `haflow up`")
         self.check_owner(spec, source)
 
+
+
+def _kind(roles: set[str]) -> str:
+    return "worker-only" if roles == set(WORKER_ONLY) else "full"
 
 
 def node_entry(node: Node, spec_dir: Path) -> dict[str, Any]:

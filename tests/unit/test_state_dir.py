@@ -186,3 +186,35 @@ def test_dag_folder_symlinks_are_copied_as_links(tmp_path):
     (dags / "etc").unlink()
     (dags / "etc").symlink_to("/usr")
     assert folder_checksum(link) != folder_checksum(dags)  # a retargeted link is a change
+
+
+def test_a_running_cluster_takes_a_new_worker_but_neither_a_new_full_node_nor_a_role_change(tmp_path):
+    state = StateDir(tmp_path / "state")
+    state.claim(parse_spec(spec_data()), "s")
+    state.record_secrets(["postgres_airflow"])  # the cluster was created
+    grown = spec_data()
+    grown["nodes"].append({"name": "w1", "address": "127.0.0.87", "roles": ["worker"]})
+    state.claim(parse_spec(grown), "s")  # a worker-only node joins a running cluster
+    assert state.record().entries["w1"] == {"roles": ["worker"], "ssh": None}
+    full = spec_data()
+    full["nodes"] += [{"name": "node4", "address": "127.0.0.88"}, {"name": "node5", "address": "127.0.0.89"}]
+    with pytest.raises(UserError) as e:
+        state.claim(parse_spec(full), "s")
+    assert any(d.startswith("nodes[3]: node4 would be a new full node of a running cluster") for d in e.value.details), e.value.details
+    changed = spec_data()
+    changed["nodes"].append({"name": "w1", "address": "127.0.0.87"})  # the worker made a full node
+    changed["etcd"]["members"] = ["node1", "node2", "node3"]
+    with pytest.raises(UserError) as e:
+        state.claim(parse_spec(changed), "s")
+    assert any(d.startswith("nodes[3].roles: w1 was created as a worker-only node") for d in e.value.details), e.value.details
+
+
+def test_the_record_keeps_how_a_server_is_reached_with_absolute_paths(tmp_path):
+    data = spec_data()
+    for n in data["nodes"]:
+        n["ssh"] = {"user": "admin", "key": "keys/id", "known_hosts": "known"}
+    StateDir(tmp_path / "state").claim(parse_spec(data), "s", spec_dir=tmp_path / "spec")
+    entry = StateDir(tmp_path / "state").record().entries["node2"]
+    assert entry["ssh"] == {"host": "127.0.0.85", "user": "admin", "port": 22, "key": str(tmp_path / "spec/keys/id"),
+                            "known_hosts": str(tmp_path / "spec/known")}
+    assert entry["roles"] == ["database", "broker", "airflow", "worker"]
