@@ -632,11 +632,12 @@ def lab_start(name: str) -> None:
 
 @lab.command("isolate")
 @click.argument("name")
+@click.option("--ports", metavar="LIST", help="Only TCP on these ports between it and the other hosts (e.g. 4369,25672-25674).")
 @handle_errors
-def lab_isolate(name: str) -> None:
+def lab_isolate(name: str, ports: str | None) -> None:
     """Cut a host off from every other host and from this machine (packets dropped, link up)."""
-    Lab().isolate(name)
-    out.print(f"{name} isolated (`haflow lab heal` reconnects it)")
+    Lab().isolate(name, ports)
+    out.print(f"{name} isolated" + (f" on ports {ports}" if ports else "") + " (`haflow lab heal` reconnects it)")
 
 
 @lab.command("heal")

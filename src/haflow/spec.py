@@ -91,9 +91,12 @@ class Control(_Strict):
     power_off: list[str] | None = None
     power_on: list[str] | None = None
     isolate: list[str] | None = None
+    # only the RabbitMQ traffic between the server and the others ({ports}: the ports to cut,
+    # e.g. 4369,25672-25674); healed by `heal`
+    isolate_broker: list[str] | None = None
     heal: list[str] | None = None
 
-    @field_validator("power_off", "power_on", "isolate", "heal")
+    @field_validator("power_off", "power_on", "isolate", "isolate_broker", "heal")
     @classmethod
     def _argv(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and (not v or not v[0].strip()):
@@ -102,10 +105,14 @@ class Control(_Strict):
 
     @model_validator(mode="after")
     def _pairs(self) -> "Control":
-        for a, b in (("power_off", "power_on"), ("isolate", "heal")):
-            if (getattr(self, a) is None) != (getattr(self, b) is None):
-                given, missing = (a, b) if getattr(self, a) is not None else (b, a)
-                raise ValueError(f"{given} without {missing}: a drill must be able to undo what it does; give both")
+        for cut in ("isolate", "isolate_broker"):
+            if getattr(self, cut) is not None and self.heal is None:
+                raise ValueError(f"{cut} without heal: a drill must be able to undo what it does; give both")
+        if self.heal is not None and self.isolate is None and self.isolate_broker is None:
+            raise ValueError("heal without isolate (or isolate_broker): give the cut it undoes")
+        if (self.power_off is None) != (self.power_on is None):
+            given, missing = ("power_off", "power_on") if self.power_off is not None else ("power_on", "power_off")
+            raise ValueError(f"{given} without {missing}: a drill must be able to undo what it does; give both")
         return self
 
 

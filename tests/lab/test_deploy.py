@@ -226,6 +226,17 @@ def test_node_partition_the_isolated_primary_acknowledges_no_write_and_rejoins(l
     assert member["role"] in ("replica", "sync_standby") and member["state"] == "streaming", snap
 
 
+def test_broker_partition_pauses_the_cut_rabbitmq_and_the_queue_leader_moves(lab):
+    """Only RabbitMQ's links cut (epmd and distribution ports) around the node leading the task
+    queue: with pause_minority it pauses, the majority takes the queue over, no task is lost,
+    and after the heal it rejoins."""
+    result = drill(lab, "broker-partition", "--hold", "10")
+    assert result["broker_paused_s"] is not None, result["timeline"]
+    assert result["new_queue_leader"] not in (None, result["node"]), result["timeline"]
+    snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)
+    assert all(m["running"] and not m["partitions"] for m in snap["layers"]["broker"]["members"]), snap["layers"]["broker"]
+
+
 def test_lb_check_follows_a_switchover_through_the_stand_in_cloud_balancer(lab):
     """A balancer haflow does not run (HAProxy on its own lab host, configured only from
     `haflow lb settings`, as a cloud LB would be): it reaches the primary and the Airflow API,

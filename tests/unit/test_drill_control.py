@@ -12,7 +12,7 @@ import yaml
 from haflow.drills import control
 from haflow.drills.isolated_writer import _pgpass_line, parse
 from haflow.drills.monitor import Timeline
-from haflow.drills.runner import _partition_verdict
+from haflow.drills.runner import BrokerWatch, _broker_partition_verdict, _partition_verdict
 from haflow.drills.scenarios import runnable
 from haflow.lab import control_commands
 from haflow.spec import default_spec_text, load_spec
@@ -57,6 +57,7 @@ def test_without_network_control_node_partition_is_refused_and_all_skips_it(tmp_
 @pytest.mark.parametrize("ctl, why", [
     ({"power_off": ["x"]}, "power_off without power_on"),
     ({"heal": ["x"]}, "heal without isolate"),
+    ({"isolate_broker": ["x"]}, "isolate_broker without heal"),
     ({"isolate": [], "heal": ["x"]}, "non-empty list of arguments"),
     ({"power_off": "virsh destroy x", "power_on": ["x"]}, "nodes[0].control.power_off"),
 ])
@@ -146,3 +147,39 @@ def test_api_get_asks_again_while_the_balancer_has_no_api_server(monkeypatch):
     assert client.get("/dags/x").status_code == 503  # given up after the attempts: the caller decides
     answers = iter([404])
     assert client.get("/dags/x").status_code == 404  # an answer from Airflow itself is not retried
+
+
+def test_the_broker_cut_names_the_ports_rabbitmq_nodes_talk_on(tmp_path):
+    spec = load_spec(spec_with(tmp_path, {"isolate_broker": ["cut", "{node}", "{ports}"], "heal": ["heal"]}))
+    assert control.command(spec, "node2", "isolate_broker") == ["cut", "node2", "4369,25672-25674"]
+    assert "broker-partition" in runnable(spec) and "node-partition" not in runnable(spec)
+    lab = control_commands("lab1")["isolate_broker"]
+    assert lab[-4:] == ["isolate", "lab1", "--ports", "{ports}"]
+
+
+def test_lab_ports_are_checked_before_anything_is_cut():
+    from haflow.lab import net
+    assert net.parse_ports("4369, 25672-25674") == ["4369", "25672-25674"]
+    for bad in ("4369;drop", "25674-25672", "0", "70000", "a-b", ""):
+        with pytest.raises(Exception, match="give TCP ports and ranges"):
+            net.parse_ports(bad)
+    r = subprocess.run([*HAFLOW, "lab", "isolate", "lab1", "--ports", "22,x"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--ports '22,x'" in r.stderr, r.stderr
+
+
+def _watch(cut_seen=None, paused=None, moved=None) -> BrokerWatch:
+    w = BrokerWatch.__new__(BrokerWatch)  # its measurements only, no thread
+    w.victim, w.cut_seen, w.paused, w.leader_moved = "node1", cut_seen, paused, moved
+    return w
+
+
+def test_broker_partition_verdict_passes_when_the_cut_node_paused_and_the_leader_moved():
+    extra, violations = _broker_partition_verdict(_watch(100.0 + 16, 100.0 + 17.5, (100.0 + 20, "node2")), 100.0, Timeline())
+    assert violations == [] and extra == {"broker_cut_seen_s": 16.0, "broker_paused_s": 17.5, "new_queue_leader": "node2",
+                                          "queue_leader_moved_s": 20.0}
+
+
+def test_broker_partition_verdict_fails_when_it_never_paused_or_the_leader_stayed():
+    extra, violations = _broker_partition_verdict(_watch(cut_seen=116.0), 100.0, Timeline())
+    assert any("never paused" in v for v in violations) and any("did not move off node1" in v for v in violations)
+    assert extra["broker_paused_s"] is None and extra["new_queue_leader"] is None

@@ -44,7 +44,7 @@ def test_verdict_counts_failures_missing_and_duplicates():
 
 
 def test_every_scenario_of_the_issue_exists():
-    assert ALL == ["db-primary-crash", "node-crash", "node-partition", "broker-node-crash", "scheduler-crash", "api-server-crash",
+    assert ALL == ["db-primary-crash", "node-crash", "node-partition", "broker-partition", "broker-node-crash", "scheduler-crash", "api-server-crash",
                    "worker-crash", "etcd-leader-crash", "switchover"]
     assert all(SCENARIOS[n].summary for n in ALL)
 

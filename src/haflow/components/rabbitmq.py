@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,28 @@ def _api(node: NodeFacts, secrets: Secrets, path: str, timeout: float = 3.0) -> 
 def queue_leader(facts: ClusterFacts, secrets: Secrets, name: str) -> str | None:
     """The node whose RabbitMQ leads the quorum queue `name`, None if none answers."""
     return next((q.leader for q in probe(facts, secrets).quorum_queues if q.name == name), None)
+
+
+def seen_by(facts: ClusterFacts, secrets: Secrets, node: NodeFacts, queue: str) -> tuple[dict[str, bool], str | None] | None:
+    """One RabbitMQ node's own view (during a partition the sides disagree): which nodes it
+    sees running, and whom it sees leading `queue`; None when it does not answer."""
+    nodes = _api(node, secrets, "/api/nodes", timeout=2.0)
+    if nodes is None:
+        return None
+    running = {facts.node_of_rabbit(n.get("name")) or str(n.get("name")): bool(n.get("running")) for n in nodes}
+    q = _api(node, secrets, f"/api/queues/{VHOST}/{queue}", timeout=2.0)
+    leader = facts.node_of_rabbit((q.get("leader") or q.get("node")) if isinstance(q, dict) else None)
+    return running, leader
+
+
+def accepts_amqp(node: NodeFacts, timeout: float = 1.0) -> bool:
+    """Whether the node's RabbitMQ accepts AMQP connections (a paused node closes its listener)."""
+    host, port = node.amqp.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

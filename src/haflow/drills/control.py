@@ -19,17 +19,26 @@ from haflow.spec import Spec
 
 POWER = ("power_off", "power_on")
 NETWORK = ("isolate", "heal")
+BROKER_NETWORK = ("isolate_broker", "heal")
 COMMAND_TIMEOUT_S = 120
 
 
 def command(spec: Spec, node: str, action: str) -> list[str] | None:
-    """The node's command for `action`, `{node}` and `{address}` filled in; None when the spec
-    gives none."""
+    """The node's command for `action`, `{node}`, `{address}` and `{ports}` (the RabbitMQ
+    ports between servers: epmd and every node's distribution port) filled in; None when the
+    spec gives none."""
     n = spec.node(node)
     argv = getattr(n.control, action) if n.control else None
     if argv is None:
         return None
-    return [a.replace("{node}", n.name).replace("{address}", n.address) for a in argv]
+    return [a.replace("{node}", n.name).replace("{address}", n.address).replace("{ports}", broker_ports(spec))
+            for a in argv]
+
+
+def broker_ports(spec: Spec) -> str:
+    """The ports RabbitMQ nodes talk to each other on: epmd, and the distribution ports."""
+    first = spec.ports.rabbitmq_dist
+    return f"{spec.ports.epmd},{first}-{first + len(spec.nodes) - 1}"
 
 
 def can(spec: Spec, node: str, actions: tuple[str, ...]) -> bool:

@@ -16,6 +16,7 @@ them), as long as every run succeeds.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,7 @@ import psycopg
 
 from haflow import status
 from haflow.cluster import Cluster
-from haflow.components import airflow, airflow_api, postgres
-from haflow.components import patroni
+from haflow.components import airflow, airflow_api, patroni, postgres, rabbitmq
 from haflow.drills import canary, control
 from haflow.drills.isolated_writer import IsolatedLog, IsolatedWriter
 from haflow.drills.monitor import Monitor, Timeline
@@ -36,6 +36,43 @@ from haflow.errors import ClusterUnhealthy, UserError
 
 Say = Callable[[str], None]
 PARTITION_NEW_PRIMARY_TIMEOUT_S = 120  # node-partition: the cut is healed after this even without a new primary
+BROKER_MOVE_TIMEOUT_S = 150  # broker-partition: the cut is healed after this even if the queue leader did not move
+
+
+class BrokerWatch(threading.Thread):
+    """broker-partition, from the cut on: when the other side first saw the cut-off RabbitMQ
+    as down, when it paused (pause_minority: it closes its AMQP listener), and when a node on
+    the other side first named another queue leader. Times are wall-clock, None until seen."""
+
+    def __init__(self, cluster: Cluster, victim: str) -> None:
+        super().__init__(daemon=True, name="haflow-broker-watch")
+        self.cluster, self.victim = cluster, victim
+        self.cut_seen: float | None = None
+        self.paused: float | None = None
+        self.leader_moved: tuple[float, str] | None = None
+        self.halt = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return None not in (self.cut_seen, self.paused, self.leader_moved)
+
+    def run(self) -> None:
+        facts, secrets = self.cluster.facts, self.cluster.secrets
+        victim = facts.node(self.victim)
+        others = [n for n in facts.broker_nodes if n.name != self.victim]
+        while not self.halt.is_set() and not self.done:
+            if self.paused is None and not rabbitmq.accepts_amqp(victim):
+                self.paused = time.time()
+            for other in others:
+                view = rabbitmq.seen_by(facts, secrets, other, airflow.QUEUE)
+                if view is None:
+                    continue
+                running, leader = view
+                if self.cut_seen is None and running.get(self.victim) is False:
+                    self.cut_seen = time.time()
+                if self.leader_moved is None and leader not in (None, self.victim):
+                    self.leader_moved = (time.time(), leader)
+            self.halt.wait(0.5)
 
 
 @dataclass
@@ -146,6 +183,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     effect: tuple[bool, str] = (False, "no fault was struck")
     t0 = back_at = healthy_at = cut_at = None
     on_victim: IsolatedWriter | None = None
+    broker_watch: BrokerWatch | None = None
     seen: dict[str, Any] = {}  # what bringing the victim back observed (node-partition: the majority's primary)
     isolated_log: IsolatedLog | None = None
     try:
@@ -158,9 +196,14 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         t0 = time.time()
         fault = scenario.strike(cluster, victim)
         cut_at = time.time()  # a write begun after this cannot reach a server on the other side
+        if fault.broker_isolated:
+            broker_watch = BrokerWatch(cluster, victim)
+            broker_watch.start()
+            seen["broker_watch"] = broker_watch
         timeline.add(f"fault: {fault.what}", t0)
-        if fault.isolated or fault.powered_off:
-            timeline.add(f"{'cut' if fault.isolated else 'power-off'} in effect (its nodes[].control command returned)", cut_at)
+        if fault.isolated or fault.powered_off or fault.broker_isolated:
+            what = "power-off" if fault.powered_off else "cut"
+            timeline.add(f"{what} in effect (its nodes[].control command returned)", cut_at)
         effect = took_effect(cluster, fault)
         if not effect[0]:
             say(f"[{name}] the fault did not take effect: {effect[1]}")
@@ -175,10 +218,14 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         load.stop()
         wlog = writer.stop()
         monitor.stop()
+        if fault is not None and (fault.isolated or fault.broker_isolated) and back_at is None:
+            _heal_anyway(cluster, fault.node, say, name)  # the drill stopped early: never leave a cut behind
         if fault is not None and fault.held_down and back_at is None:
             say(f"[{name}] {fault.node} is still down: `haflow up` brings it back")
         if on_victim is not None:
             isolated_log = _stop_isolated_writer(on_victim, say, name)
+        if broker_watch is not None:
+            broker_watch.halt.set()
     say(f"[{name}] load off; waiting for every canary run to finish")
     af = cluster.spec.airflow
     drain_s = af.task_heartbeat_timeout_s + af.task_queued_timeout_s + 120
@@ -190,8 +237,12 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         tries = canary.retries(conn, prefix)
         lost = lost_writes(wlog, postgres.live_primary_endpoint(cluster.facts), account.username, account.password,
                            cluster.facts.airflow_db)
-    extra, extra_violations = (_partition_verdict(isolated_log, cut_at, timeline, seen) if on_victim is not None
-                               else ({}, []))
+    extra: dict[str, Any] = {}
+    extra_violations: list[str] = []
+    if on_victim is not None:
+        extra, extra_violations = _partition_verdict(isolated_log, cut_at, timeline, seen)
+    elif broker_watch is not None:
+        extra, extra_violations = _broker_partition_verdict(broker_watch, cut_at, timeline)
     report = _report(name, scenario, fault, effect, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis,
                      tries, lost, timeline, status.problems(snap) if healthy_at is None else [])
     violations = report["violations"] + extra_violations
@@ -248,6 +299,54 @@ def _partition_verdict(log: IsolatedLog | None, cut_at: float | None, timeline: 
              "isolated_writes_attempted": len(log.attempts)}, violations)
 
 
+def _heal_anyway(cluster: Cluster, node: str, say: Say, name: str) -> None:
+    try:
+        control.run(cluster.spec, node, "heal")
+        say(f"[{name}] healed the cut of {node} (the drill stopped before it did)")
+    except Exception as e:  # say it, and let the original error through
+        say(f"[{name}] could not heal the cut of {node}: {e}; run its nodes[].control.heal by hand")
+
+
+def _broker_partition_verdict(watch: BrokerWatch, cut_at: float | None, timeline: Timeline) -> tuple[dict[str, Any], list[str]]:
+    """broker-partition: the cut-off RabbitMQ paused (pause_minority) and the task queue got a
+    leader on the other side; times from the cut."""
+    def since(t: float | None) -> float | None:
+        return round(t - cut_at, 2) if t is not None and cut_at is not None else None
+
+    violations = []
+    if watch.cut_seen is not None:
+        timeline.add(f"the other RabbitMQ nodes see {watch.victim}'s as down", watch.cut_seen)
+    if watch.paused is not None:
+        timeline.add(f"{watch.victim}'s RabbitMQ paused (pause_minority: its AMQP listener closed)", watch.paused)
+    else:
+        violations.append(f"{watch.victim}'s RabbitMQ never paused while cut off (pause_minority)")
+    if watch.leader_moved is not None:
+        timeline.add(f"the {airflow.QUEUE} queue's leader is {watch.leader_moved[1]} (the majority's side)", watch.leader_moved[0])
+    else:
+        violations.append(f"the {airflow.QUEUE} queue's leader did not move off {watch.victim} within "
+                          f"{BROKER_MOVE_TIMEOUT_S} s of the cut")
+    return ({"broker_cut_seen_s": since(watch.cut_seen), "broker_paused_s": since(watch.paused),
+             "new_queue_leader": watch.leader_moved[1] if watch.leader_moved else None,
+             "queue_leader_moved_s": since(watch.leader_moved[0] if watch.leader_moved else None)}, violations)
+
+
+def _heal_after_broker_moves(cluster: Cluster, fault: Fault, opts: DrillOptions, timeline: Timeline, say: Say,
+                             name: str, seen: dict[str, Any]) -> float:
+    """Hold the broker cut until the cut-off node paused and the queue has a leader on the other
+    side (or the wait runs out), then `hold_s` longer, then heal."""
+    watch: BrokerWatch = seen["broker_watch"]
+    say(f"[{name}] {fault.node}'s RabbitMQ is cut off; waiting for it to pause and the queue leader to move")
+    deadline = time.monotonic() + BROKER_MOVE_TIMEOUT_S
+    while time.monotonic() < deadline and not (watch.paused and watch.leader_moved):
+        time.sleep(0.5)
+    say(f"[{name}] holding the cut {opts.hold_s:.0f} s more")
+    time.sleep(opts.hold_s)
+    control.run(cluster.spec, fault.node, "heal")
+    back = time.time()
+    timeline.add(f"{fault.node}'s RabbitMQ reconnected (nodes[].control.heal)", back)
+    return back
+
+
 def _heal_after_new_primary(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions, timeline: Timeline,
                             say: Say, name: str, seen: dict[str, Any]) -> float:
     """Hold the cut until the majority has its own primary (or the wait runs out), then
@@ -273,6 +372,8 @@ def _bring_back(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions
                 name: str, seen: dict[str, Any]) -> float | None:
     if fault.isolated:
         return _heal_after_new_primary(cluster, fault, since, opts, timeline, say, name, seen)
+    if fault.broker_isolated:
+        return _heal_after_broker_moves(cluster, fault, opts, timeline, say, name, seen)
     if fault.powered_off:
         say(f"[{name}] {fault.node} stays off for {opts.hold_s:.0f} s")
         time.sleep(opts.hold_s)

@@ -36,6 +36,7 @@ class Fault:
     switched_to: str | None = None  # switchover: the node that must now be the primary
     powered_off: bool = False  # the server itself is off (power control), not only its services
     isolated: bool = False  # the server is cut off the network (held, then healed)
+    broker_isolated: bool = False  # only its RabbitMQ is cut off from the other RabbitMQ nodes
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,26 @@ def _partition(cluster: Cluster, node: str) -> Fault:
     return Fault(node, f"{node} cut off from every other server and from this machine", isolated=True)
 
 
+def _partition_broker(cluster: Cluster, node: str) -> Fault:
+    control.run(cluster.spec, node, "isolate_broker")  # run_drill checked the spec has it
+    return Fault(node, f"{node}'s RabbitMQ cut off from the other RabbitMQ nodes (epmd and distribution ports: "
+                       f"{control.broker_ports(cluster.spec)})", broker_isolated=True)
+
+
+def broker_cut_seen(cluster: Cluster, node: str, timeout_s: float) -> float | None:
+    """When a RabbitMQ node on the other side first sees `node` as down (its net_ticktime
+    decides how soon), None if none does within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    others = [n for n in cluster.facts.broker_nodes if n.name != node]
+    while time.monotonic() < deadline:
+        for other in others:
+            view = rabbitmq.seen_by(cluster.facts, cluster.secrets, other, airflow.QUEUE)
+            if view is not None and view[0].get(node) is False:
+                return time.time()
+        time.sleep(0.5)
+    return None
+
+
 def _switchover(cluster: Cluster, node: str) -> Fault:
     """`node` is the primary (the default) or, given with --node, the node to switch to."""
     result = cluster.switchover(to=None if node == _primary(cluster) else node)
@@ -127,6 +148,12 @@ def took_effect(cluster: Cluster, fault: Fault) -> tuple[bool, str]:
     service's instance is gone or replaced, a crashed node has no process left, a switchover
     moved the primary. Returns (ok, why not)."""
     host = cluster.host
+    if fault.broker_isolated:
+        # a cut RabbitMQ link shows only once the other nodes' net_ticktime runs out
+        wait_s = 4 * cluster.spec.broker.net_ticktime_s + 30
+        if broker_cut_seen(cluster, fault.node, wait_s) is None:
+            return False, f"no other RabbitMQ node saw {fault.node}'s RabbitMQ as down within {wait_s} s of the cut"
+        return True, ""
     if fault.powered_off or fault.isolated:
         if control.answers(cluster.spec, fault.node):
             return False, f"{fault.node} still answers on its SSH port after {'the power-off' if fault.powered_off else 'the cut'}"
@@ -157,6 +184,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _primary, _crash_node, watch_broker=True),
     Scenario("node-partition", "the primary's server is cut off from every other server and this machine, then healed",
              _primary, _partition, watch_broker=True, needs=control.NETWORK),
+    Scenario("broker-partition", "the RabbitMQ node leading the task queue is cut off from the other RabbitMQ nodes, "
+             "then healed", _queue_leader, _partition_broker, watch_broker=True, needs=control.BROKER_NETWORK),
     Scenario("broker-node-crash", "the RabbitMQ node leading the task queue dies", _queue_leader,
              _kill(rabbitmq.NAME, "RabbitMQ"), watch_broker=True),
     Scenario("scheduler-crash", "one scheduler dies", _first_node, _kill(airflow.SCHEDULER, "the scheduler")),
@@ -170,6 +199,6 @@ ALL = list(SCENARIOS)
 
 
 def runnable(spec: Spec) -> list[str]:
-    """The scenarios the spec's nodes can undergo (node-partition needs network control on every
-    full node: its victim is the primary's)."""
+    """The scenarios the spec's nodes can undergo (node-partition and broker-partition need
+    network control on every full node: their victims are the primary's and the queue leader's)."""
     return [name for name, sc in SCENARIOS.items() if all(control.can(spec, n.name, sc.needs) for n in spec.full_nodes)]

@@ -220,9 +220,12 @@ class Lab:
         rec = self.record() or {}
         self.host(name).start(image.base_dir(self.cache, rec.get("release", image.DEFAULT_RELEASE)))
 
-    def isolate(self, name: str) -> None:
+    def isolate(self, name: str, ports: str | None = None) -> None:
+        """Cut a host off; with `ports` (e.g. "4369,25672-25674"), only TCP on those ports
+        between it and the other hosts."""
+        cut = net.parse_ports(ports) if ports else None  # bad input: exit 2 before anything
         check_can_run()
-        net.isolate(self.host(name).veth)
+        net.isolate(self.host(name).veth, cut)
 
     def heal(self) -> None:
         check_can_run()
@@ -265,7 +268,8 @@ def control_commands(name: str) -> dict[str, list[str]]:
     them to power the host off and on and to cut it off the network)."""
     haflow = [sys.executable, "-m", "haflow.cli", "lab"]
     return {"power_off": [*haflow, "poweroff", name], "power_on": [*haflow, "start", name],
-            "isolate": [*haflow, "isolate", name], "heal": [*haflow, "heal"]}
+            "isolate": [*haflow, "isolate", name], "isolate_broker": [*haflow, "isolate", name, "--ports", "{ports}"],
+            "heal": [*haflow, "heal"]}
 
 
 def check_can_run(install: bool = False, say: Say = lambda _: None) -> None:

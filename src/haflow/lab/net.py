@@ -16,7 +16,7 @@ import ipaddress
 import subprocess
 from pathlib import Path
 
-from haflow.errors import HaflowError
+from haflow.errors import HaflowError, UserError
 
 BRIDGE = "hflab0"
 SUBNET = ipaddress.ip_network("10.213.0.0/24")
@@ -140,17 +140,37 @@ def check_route(address: str) -> None:
 # --- partitions -----------------------------------------------------------------------------------
 
 
-def isolate(veth: str) -> None:
+def isolate(veth: str, ports: list[str] | None = None) -> None:
     """Cut one host off from every other host and from this machine (its link stays up, so it
-    sees timeouts as a real partition would, not a missing route)."""
+    sees timeouts as a real partition would, not a missing route). With `ports`: only TCP to or
+    from those ports, and only between the host and the other hosts."""
     _run(["nft", "add", "table", "bridge", PARTITION_TABLE])
     for hook in ("forward", "input", "output"):
         _run(["nft", "add", "chain", "bridge", PARTITION_TABLE, hook,
               f"{{ type filter hook {hook} priority filter; policy accept; }}"])
+    if ports:
+        # both directions, both ends: new connections and the ones already open
+        allowed = "{ " + ", ".join(ports) + " }"
+        for match in ("iifname", "oifname"):
+            for end in ("dport", "sport"):
+                _run(["nft", "add", "rule", "bridge", PARTITION_TABLE, "forward", match, veth, "tcp", end, allowed, "drop"])
+        return
     # forward: host <-> host; input/output: the host <-> this machine (through the bridge)
     rules = [("forward", "iifname"), ("forward", "oifname"), ("input", "iifname"), ("output", "oifname")]
     for chain, match in rules:
         _run(["nft", "add", "rule", "bridge", PARTITION_TABLE, chain, match, veth, "drop"])
+
+
+def parse_ports(text: str) -> list[str]:
+    """"4369,25672-25674" -> ["4369", "25672-25674"]; exit 2 on anything else."""
+    out = []
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        if not 1 <= len(bounds) <= 2 or not all(b.isdigit() and 1 <= int(b) <= 65535 for b in bounds) \
+                or (len(bounds) == 2 and int(bounds[0]) > int(bounds[1])):
+            raise UserError(f"--ports {text!r}: give TCP ports and ranges, e.g. 4369,25672-25674")
+        out.append("-".join(str(int(b)) for b in bounds))
+    return out
 
 
 def heal() -> None:
