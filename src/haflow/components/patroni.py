@@ -238,16 +238,38 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
 # --- probes -----------------------------------------------------------------------------------
 
 
+def leader_key(facts: ClusterFacts) -> str:
+    """The etcd key Patroni's leader holds (its lock): `{namespace}{scope}/leader`."""
+    return f"{facts.patroni_namespace}{facts.patroni_scope}/leader"
+
+
+def _view_of(node: NodeFacts, timeout: float) -> dict[str, Any] | None:
+    try:
+        r = httpx.get(f"{node.patroni_api_url}/cluster", timeout=timeout)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _leaders(view: dict[str, Any]) -> list[str]:
+    return [m.get("name") for m in view.get("members", []) if m.get("role") == "leader"]
+
+
 def cluster_view(facts: ClusterFacts, timeout: float = 2.0) -> dict[str, Any] | None:
-    """Patroni's `/cluster` document from the first member that answers."""
+    """Patroni's `/cluster` document: each member answers from its own copy of the DCS, and a
+    member just back from a partition names itself leader until its next loop. So the first
+    view that agrees with the leader key in etcd (a quorum read) wins; without an answer from
+    etcd, the first view there is."""
+    holder = etcd.get_key(facts, leader_key(facts), timeout=1.0)
+    first = None
     for node in facts.database_nodes:
-        try:
-            r = httpx.get(f"{node.patroni_api_url}/cluster", timeout=timeout)
-            if r.status_code == 200:
-                return r.json()
-        except (httpx.HTTPError, ValueError):
+        view = _view_of(node, timeout)
+        if view is None:
             continue
-    return None
+        if holder is None or _leaders(view) == [holder]:
+            return view
+        first = first or view
+    return first
 
 
 def node_role(node: NodeFacts, path: str, timeout: float = 1.0) -> bool:
