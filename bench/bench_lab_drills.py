@@ -3,16 +3,18 @@ off hard, booted again after the hold; its own systemd brings the node back) and
 `node-partition` (the primary's server cut off from everything, healed after the majority has a
 primary), `--reps` times each, interleaved, through the real `haflow drill -f SPEC --json`; and
 how fast the lab's stand-in cloud balancer (`lab up --balancer`, configured only from `haflow lb
-settings`) follows a planned switchover, `--lb-reps` times (`haflow lb check --switchover`).
-Needs root.
+settings`) follows a planned switchover, `--lb-reps` times (`haflow lb check --switchover`); and
+`broker-partition` (only RabbitMQ's links of the queue leader's server cut), `--broker-reps`
+times. Needs root.
 
 Brings the lab up and deploys to it when it is not already there (and then takes both down at
 the end); a lab that was up is left as it was. Writes bench/results/lab_drills.json and the
 real-network section of docs/drills.md, next to the loopback figures of bench_drills.py.
 
-    .venv/bin/python bench/bench_lab_drills.py [--reps 5] [--hold 15] [--lb-reps 5] [--only drills|lb]
+    .venv/bin/python bench/bench_lab_drills.py [--reps 5] [--hold 15] [--lb-reps 5] [--broker-reps 5]
+                                               [--only drills|lb|broker]
 
-`--only` runs one part and keeps the other part's runs from the results file.
+`--only` runs one part and keeps the other parts' runs from the results file.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from haflow.lab import Lab
 ROOT = Path(__file__).resolve().parent.parent
 HAFLOW = [sys.executable, "-m", "haflow.cli"]
 SCENARIOS = ("node-crash", "node-partition")
+BROKER = "broker-partition"
 MEASURES = ("rto_s", "write_gap_s", "task_flow_gap_s", "recovered_s", "majority_primary_s",
-            "isolated_primary_refuses_writes_s")
+            "isolated_primary_refuses_writes_s", "broker_cut_seen_s", "broker_paused_s", "queue_leader_moved_s")
 
 
 def haflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -89,7 +92,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--hold", type=float, default=15.0)
     ap.add_argument("--lb-reps", type=int, default=5)
-    ap.add_argument("--only", choices=("drills", "lb"))
+    ap.add_argument("--broker-reps", type=int, default=5)
+    ap.add_argument("--only", choices=("drills", "lb", "broker"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/lab_drills.json")
     args = ap.parse_args()
 
@@ -99,24 +103,20 @@ def main() -> None:
     spec = up["spec"]
     balancer = next(h["address"] for h in up["hosts"] if h["role"] == "balancer")
     earlier = json.loads(args.out.read_text()) if args.only and args.out.exists() else {"runs": {}}
-    results: dict = {"runs": {n: [] if args.only != "lb" else earlier["runs"].get(n, []) for n in SCENARIOS},
-                     "lb_runs": [] if args.only != "drills" else earlier.get("lb_runs", [])}
+    runs = {"drills": args.only in (None, "drills"), "lb": args.only in (None, "lb"), "broker": args.only in (None, "broker")}
+    results: dict = {"runs": {n: [] if runs["drills"] else earlier["runs"].get(n, []) for n in SCENARIOS},
+                     "lb_runs": [] if runs["lb"] else earlier.get("lb_runs", [])}
+    results["runs"][BROKER] = [] if runs["broker"] else earlier["runs"].get(BROKER, [])
     try:
         haflow("deploy", "-f", spec, "--no-smoke")
-        for rep in range(args.lb_reps if args.only != "drills" else 0):
+        for rep in range(args.lb_reps if runs["lb"] else 0):
             print(f"lb check --switchover {rep + 1}/{args.lb_reps}", flush=True)
             results["lb_runs"].append(lb_check(spec, f"{balancer}:5432"))
-        for rep in range(args.reps if args.only != "lb" else 0):
+        for rep in range(args.reps if runs["drills"] else 0):
             for name in SCENARIOS:
-                print(f"{name} {rep + 1}/{args.reps}", flush=True)
-                r = haflow("drill", name, "--json", "--hold", str(args.hold), "-f", spec, check=False)
-                if not r.stdout.strip().startswith("{"):
-                    sys.exit(f"drill {name} gave no result ({r.returncode}): {r.stderr[-2000:]}")
-                result = json.loads(r.stdout)
-                print(f"    ok={result['ok']} rto={result['rto_s']} flow={result['task_flow_gap_s']} "
-                      f"healthy={result['recovered_s']} refuses={result.get('isolated_primary_refuses_writes_s')} "
-                      f"{result['violations']}", flush=True)
-                results["runs"][name].append(result)
+                results["runs"][name].append(drill(name, rep, args.reps, args.hold, spec))
+        for rep in range(args.broker_reps if runs["broker"] else 0):
+            results["runs"][BROKER].append(drill(BROKER, rep, args.broker_reps, args.hold, spec))
     finally:
         if ours:
             haflow("down", "-f", spec, check=False)
@@ -126,10 +126,25 @@ def main() -> None:
         results["summary"]["lb-follow"] = summarize_lb(results["lb_runs"])
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     kept = earlier.get("meta", {})
-    results["meta"] = {"date": now, "drills_date": kept.get("drills_date", kept.get("date")) if args.only == "lb" else now,
-                       "lb_date": kept.get("lb_date") if args.only == "drills" else now, "reps": args.reps,
+    results["meta"] = {"date": now, "drills_date": now if runs["drills"] else kept.get("drills_date", kept.get("date")),
+                       "lb_date": now if runs["lb"] else kept.get("lb_date"),
+                       "broker_date": now if runs["broker"] else kept.get("broker_date"),
+                       "reps": args.reps if runs["drills"] else kept.get("reps"),
+                       "broker_reps": args.broker_reps if runs["broker"] else kept.get("broker_reps"),
                        "hold_s": args.hold, "hosts": 3, "release": (lab.record() or {}).get("release", "trixie")}
     save_results(results, args.out, write_section)
+
+
+def drill(name: str, rep: int, reps: int, hold: float, spec: str) -> dict:
+    print(f"{name} {rep + 1}/{reps}", flush=True)
+    r = haflow("drill", name, "--json", "--hold", str(hold), "-f", spec, check=False)
+    if not r.stdout.strip().startswith("{"):
+        sys.exit(f"drill {name} gave no result ({r.returncode}): {r.stderr[-2000:]}")
+    result = json.loads(r.stdout)
+    print(f"    ok={result['ok']} rto={result['rto_s']} flow={result['task_flow_gap_s']} healthy={result['recovered_s']} "
+          f"refuses={result.get('isolated_primary_refuses_writes_s')} paused={result.get('broker_paused_s')} "
+          f"{result['violations']}", flush=True)
+    return result
 
 
 def _loopback() -> dict:
@@ -157,7 +172,7 @@ def write_section(r: dict) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in r["summary"].items():
-        if name == "lb-follow":
+        if name in ("lb-follow", BROKER):
             continue
         lines.append(f"| {name} (lab) | {s['runs']} | {mm(s, 'rto_s')} | {mm(s, 'write_gap_s')} | {mm(s, 'task_flow_gap_s')} | "
                      f"{mm(s, 'majority_primary_s')} | {mm(s, 'isolated_primary_refuses_writes_s')} | {mm(s, 'recovered_s')} | "
@@ -169,6 +184,24 @@ def write_section(r: dict) -> None:
         lines.append(f"| node-crash (loopback) | - | {mm(loop, 'rto_s')} | {mm(loop, 'write_gap_s')} | "
                      f"{mm(loop, 'task_flow_gap_s')} | - | - | {mm(loop, 'recovered_s')} | {loop.get('acknowledged_writes_lost')} | - | - | "
                      f"{'all kept' if loop.get('all_ok') else '**broken**'} |")
+    br = r["summary"].get(BROKER)
+    if br:
+        lines += [
+            "",
+            f"`broker-partition` (measured on {m.get('broker_date') or m['date']}, {br['runs']} runs, hold {m['hold_s']} s): only RabbitMQ's",
+            "links (epmd and distribution ports) of the server whose RabbitMQ leads the `default` queue cut, from the other servers.",
+            "",
+            "| measure | median / max |",
+            "|---|---|",
+            f"| the other RabbitMQ nodes see it down (`broker_cut_seen_s`) | {mm(br, 'broker_cut_seen_s')} |",
+            f"| it paused, pause_minority (`broker_paused_s`) | {mm(br, 'broker_paused_s')} |",
+            f"| the queue has a leader on the other side (`queue_leader_moved_s`) | {mm(br, 'queue_leader_moved_s')} |",
+            f"| task-flow gap | {mm(br, 'task_flow_gap_s')} |",
+            f"| write RTO (PostgreSQL is not cut: expected 0) | {mm(br, 'rto_s')} |",
+            f"| healthy after | {mm(br, 'recovered_s')} |",
+            f"| lost writes / failed canary runs | {br['acknowledged_writes_lost']} / {br['dag_runs_failed']} |",
+            f"| invariants | {'all kept' if br['all_ok'] else '**broken**: ' + '; '.join(br['violations'])} |",
+        ]
     lb = r["summary"].get("lb-follow")
     if lb:
         lines += [
