@@ -9,12 +9,13 @@ copy to the next) and reports what it has through `tree_checksum`.
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from haflow.components import airflow
-from haflow.errors import UserError
+from haflow.errors import HaflowError, UserError
 from haflow.fsutil import tree_checksum
 from haflow.hosts.base import Host
 from haflow.spec import Spec, check_paths, dags_folder
@@ -36,6 +37,8 @@ def extras(folder: Path) -> dict[str, Path]:
     """What haflow adds to a DAG folder: its canary DAG, unless present."""
     return {} if (folder / CANARY_DAG_FILE).exists() else {CANARY_DAG_FILE: canary_dag_source()}
 
+
+UNREACHABLE = object()  # a node whose server did not answer
 
 class Dags:
     def __init__(self, spec: Spec, spec_dir: Path, state_dir: Path, host: Host) -> None:
@@ -92,8 +95,20 @@ class Dags:
             want = tree_checksum(source, extras(source))
         except UserError:
             source, want = None, None
-        nodes = [{"node": n.name, "checksum": self.host.tree_checksum(n.name, self._dest(n.name)[0])}
-                 for n in self.spec.nodes]
+        names = [n.name for n in self.spec.nodes]
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:  # a cut-off server must not hold up the rest
+            found = dict(zip(names, pool.map(self._checksum, names)))
+        nodes = [{"node": n, "checksum": found[n]} for n in names if found[n] is not UNREACHABLE]
+        unreachable = [n for n in names if found[n] is UNREACHABLE]
         sums = {n["checksum"] for n in nodes}
         return {"source": str(source) if source else None, "source_checksum": want, "nodes": nodes,
+                "unreachable": unreachable,
                 "agree": len(sums) == 1 and None not in sums, "current": sums == {want}}
+
+    def _checksum(self, node: str) -> str | None | object:
+        """The node's DAG folder checksum; UNREACHABLE when its server does not answer (a down
+        or cut-off server is reported, not an error of the whole status)."""
+        try:
+            return self.host.tree_checksum(node, self._dest(node)[0])
+        except HaflowError:
+            return UNREACHABLE

@@ -15,14 +15,14 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
     facts = cluster.facts
     secrets = cluster.secrets if cluster.exists() else None
     not_created = "cluster not created yet"
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=3 + len(facts.nodes)) as pool:
         dcs_f = pool.submit(etcd.probe, facts)
         db_f = pool.submit(patroni.probe, facts)
         broker_f = pool.submit(rabbitmq.probe, facts, secrets) if secrets else None
-        nodes = [
-            # "supervisor": the node's init runs (its supervisord here, systemd on a real host)
-            {"node": n.name, "address": n.address, "supervisor": cluster.host.running(n.name)} for n in facts.nodes
-        ]
+        # "supervisor": the node's init runs (its supervisord here, systemd on a real host); each
+        # server asked at once, so one that does not answer costs its timeout once
+        inits = list(pool.map(cluster.host.running, facts.node_names))
+        nodes = [{"node": n.name, "address": n.address, "supervisor": up} for n, up in zip(facts.nodes, inits)]
         dcs, database = dcs_f.result(), db_f.result()
     balancer = (haproxy.probe(facts, secrets, database.leader) if secrets
                 else haproxy.BalancerStatus.unknown(facts, not_created))

@@ -322,6 +322,13 @@ def ping_workers(facts: ClusterFacts, secrets: Secrets, timeout: float = 2.0) ->
     return []
 
 
+def dag_problems(dags: dict[str, Any]) -> list[str]:
+    """What the DAG folders' status says is wrong (dags.Dags.status)."""
+    if dags.get("unreachable"):
+        return [f"cannot read the DAG folder on {', '.join(dags['unreachable'])} (its server does not answer)"]
+    return [] if dags.get("agree") else ["DAG folders differ between nodes (`haflow dags push`)"]
+
+
 JOB_TYPES = {"SchedulerJob": "schedulers", "TriggererJob": "triggerers", "DagProcessorJob": "dag_processors"}
 HEARTBEAT_STALE_S = 30
 
@@ -377,8 +384,7 @@ def probe(facts: ClusterFacts, secrets: Secrets, dags: dict[str, Any], endpoint:
     missing_workers = [w for w in expected_workers if w not in workers]
     if missing_workers:
         problems.append(f"Celery workers not answering: {', '.join(missing_workers)}")
-    if not dags.get("agree"):
-        problems.append("DAG folders differ between nodes (`haflow dags push`)")
+    problems += dag_problems(dags)
     return AirflowStatus(healthy=not problems, problems=tuple(problems), api_servers=api,
                          schedulers=tuple(groups["schedulers"]), triggerers=tuple(groups["triggerers"]),
                          dag_processors=tuple(groups["dag_processors"]), dag_processor_holder=dag_processor_holder(facts),
