@@ -12,6 +12,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,6 @@ def test_a_killed_service_is_restarted_by_systemd_with_a_new_instance(lab):
     try:
         killed = cluster.host.kill_service("lab2", "haproxy")
         assert len(killed) == 1
-        import time
         deadline = time.monotonic() + 30
         now = None
         while time.monotonic() < deadline:
@@ -146,7 +146,6 @@ def test_the_other_commands_work_on_the_deployed_cluster(lab):
     assert moved["from"] != moved["to"]
     # the database layer is whole again once the old primary streams from the new one; Airflow's
     # own recovery after a switchover on these hosts is measured by the drills (issue 11)
-    import time
     deadline = time.monotonic() + 120
     while True:
         r = haflow("status", "--json", "-f", spec)
@@ -287,9 +286,16 @@ def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
     assert r.returncode == 2 and "delete it from `nodes:` first" in r.stderr, r.stderr
     r = haflow("node", "remove", "lab1", "--yes", "-f", str(lab["spec_path"]))
     assert r.returncode == 2 and "still in" in r.stderr, r.stderr
+    # a DAG running while the node is removed still succeeds (its worker is drained warm; what
+    # it had not started goes to the other workers)
+    running = subprocess.Popen([*HAFLOW, "dags", "trigger", "haflow_fanout", "--json", "-f", str(lab["spec_path"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # its tasks are being scheduled and run
     r = haflow("node", "remove", spare["name"], "--yes", "--json", "-f", str(lab["spec_path"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["removed"] == spare["name"]
+    out, err = running.communicate(timeout=900)
+    assert running.returncode == 0 and json.loads(out)["state"] == "success", (out, err[-2000:])
     assert on(spare["name"], "ls /etc/haflow /var/lib/haflow /etc/systemd/system 2>/dev/null | grep -c lab; true").strip() == "0"
     assert on("lab1", f"grep -c {spare['address']} /var/lib/haflow/lab/pg/patroni.yml; true").strip() == "0"
     snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)

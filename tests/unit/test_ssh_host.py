@@ -135,3 +135,26 @@ def test_an_empty_ssh_path_is_a_spec_error(tmp_path, field):
     path.write_text(yaml.safe_dump(data))
     r = subprocess.run([sys.executable, "-m", "haflow.cli", "validate", "-f", str(path)], capture_output=True, text=True)
     assert r.returncode == 2 and f"nodes[0].ssh.{field}" in r.stderr, r.stderr
+
+
+def test_clock_skew_is_measured_when_the_server_answered_not_when_it_is_read(tmp_path, monkeypatch):
+    """facts are cached: compared with time.time() at preflight, an answer read 25 s later made
+    an in-sync server look 25 s off (seen on the lab); a slow answer is no skew either."""
+    import time as time_mod
+
+    host = SshHost(ssh_spec(tmp_path), tmp_path / "state", tmp_path)
+    offsets = {"node1": 0.0, "node2": 10.0}
+
+    def slow_agent(node, verb, **request):
+        time_mod.sleep(1.0)  # the server answers after 1 s; its clock read in the middle
+        return {"time": time_mod.time() - 0.5 + offsets.get(node, 0.0)}
+
+    monkeypatch.setattr(host, "agent", slow_agent)
+    try:
+        assert host.facts("node1")["skew_s"] < 0.3
+        assert 9.0 < host.facts("node2")["skew_s"] <= 10.0  # at least this far off, whatever the round trip
+        real_time = time_mod.time
+        monkeypatch.setattr(time_mod, "time", lambda: real_time() + 25)  # read much later: same answer
+        assert host.facts("node1")["skew_s"] < 0.3
+    finally:
+        host.close()

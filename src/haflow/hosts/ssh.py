@@ -135,9 +135,15 @@ class SshHost:
         return [t.name for t in self.targets]
 
     def facts(self, node: str) -> dict[str, Any]:
-        """The server's OS, architecture, Python, addresses and listeners (asked once)."""
+        """The server's OS, architecture, Python, addresses and listeners (asked once); with
+        `skew_s`, how far its clock was from this machine's when it answered (within half the
+        round trip: the answer is cached, so it is compared with the time it was asked, not now)."""
         if node not in self._facts:
-            self._facts[node] = self.agent(node, "facts", disk_path=str(DATA_BASE))
+            asked = time.time()
+            answer = self.agent(node, "facts", disk_path=str(DATA_BASE))
+            answered = time.time()
+            answer["skew_s"] = max(0.0, abs(answer["time"] - (asked + answered) / 2) - (answered - asked) / 2)
+            self._facts[node] = answer
         return self._facts[node]
 
     def recovery_hint(self) -> str:
@@ -209,7 +215,7 @@ class SshHost:
         if address not in f["addresses"]:
             problems.append(f"{node}: address {address} is not on the server (it has {', '.join(f['addresses'])}); "
                             "fix nodes[].address, or nodes[].ssh.host if you connect by another address")
-        skew = abs(f["time"] - time.time())
+        skew = f["skew_s"]
         if skew > 2:
             problems.append(f"{node}: its clock is {skew:.0f}s off this machine's; enable time sync (systemd-timesyncd or chrony)")
         elif not f["ntp_synchronized"] and not f["container"]:
