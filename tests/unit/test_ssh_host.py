@@ -158,3 +158,23 @@ def test_clock_skew_is_measured_when_the_server_answered_not_when_it_is_read(tmp
         assert host.facts("node1")["skew_s"] < 0.3
     finally:
         host.close()
+
+
+def test_a_stop_waits_past_systemds_own_stop_timeout(tmp_path, monkeypatch):
+    """A worker's warm shutdown may take its whole TimeoutStopSec (600 s): the command must
+    outwait it (systemd SIGKILLs then), not give up at the same moment (seen in a CI run)."""
+    from haflow.hosts import ssh as ssh_mod
+
+    host = SshHost(ssh_spec(tmp_path), tmp_path / "state", tmp_path)
+    seen = {}
+
+    def sh(node, command, stdin=None, timeout=600):
+        seen[command] = timeout
+        return ssh_mod.Result(0, "", "")
+
+    monkeypatch.setattr(host, "sh", sh)
+    try:
+        host.stop("node1", "airflow-worker")
+        assert seen["systemctl stop haflow-haflow-airflow-worker.service"] > 600
+    finally:
+        host.close()

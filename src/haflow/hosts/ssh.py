@@ -47,6 +47,9 @@ TMPFILES_DIR = Path("/etc/tmpfiles.d")
 ACTIVE = {"active", "activating", "reloading", "deactivating"}
 JOURNAL_LINES = 15
 PROBE_TIMEOUT_S = 8
+# the longest TimeoutStopSec haflow writes (a Celery worker's warm shutdown: at most 600 s), plus
+# time for systemd's SIGKILL and the round trip
+STOP_WAIT_S = 600 + 120
 
 
 class RemoteError(HaflowError):
@@ -377,9 +380,9 @@ class SshHost:
         return sorted(u for u in self.unit_states(node, [], glob=True) if u != self.target_unit)
 
     # --- systemd ----------------------------------------------------------------------------------
-    def _systemctl(self, node: str, *args: str, check: bool = True) -> Result:
+    def _systemctl(self, node: str, *args: str, check: bool = True, timeout: float = 600) -> Result:
         self._snapshots.pop(node, None)
-        r = self.sh(node, "systemctl " + " ".join(shlex.quote(a) for a in args))
+        r = self.sh(node, "systemctl " + " ".join(shlex.quote(a) for a in args), timeout=timeout)
         if check and not r.ok:
             unit = next((a for a in args if a.endswith((".service", ".target"))), None)
             raise RemoteError(f"{node}: systemctl {' '.join(args)} failed: {r.stderr.strip()[-200:]}"
@@ -447,7 +450,9 @@ class SshHost:
         return True
 
     def stop(self, target: Target, service: str) -> None:
-        self._systemctl(_key(target), "stop", self.unit(service), check=False)
+        # systemd's own stop timeout ends a stop that hangs (SIGKILL): wait past it, or the
+        # command gives up at the moment systemd would have finished the job
+        self._systemctl(_key(target), "stop", self.unit(service), check=False, timeout=STOP_WAIT_S)
 
     def restart(self, target: Target, service: str) -> None:
         self._systemctl(_key(target), "restart", self.unit(service))

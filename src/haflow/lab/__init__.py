@@ -193,6 +193,9 @@ class Lab:
                           "control": control_commands(h.name)}
                          for h in self.hosts("node")]
         data["etcd"]["members"] = [h.name for h in self.hosts("node")]
+        # the lab's tasks run seconds: a worker's warm shutdown (as long as a task may run) is
+        # bounded at 5 minutes rather than 10, so a stuck one cannot hold a test run up as long
+        data["airflow"]["task_execution_timeout_s"] = 300
         # the stand-in balancer proxies: PostgreSQL sees its address, so admit it
         data["database"]["allowed_clients"] = [f"{h.address}/32" for h in self.hosts("balancer")]
         atomic_write(self.run / SPEC, "# written by `haflow lab up`: the lab's hosts\n" + yaml.safe_dump(data, sort_keys=False), 0o600)
