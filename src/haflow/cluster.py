@@ -30,7 +30,7 @@ from haflow.facts import ClusterFacts
 from haflow.hosts.base import Host, Machine, Target
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.secrets import Secrets
-from haflow.spec import Spec
+from haflow.spec import WORKER_ONLY, Spec
 from haflow.statedir import StateDir
 
 Say = Callable[[str], None]
@@ -206,7 +206,7 @@ class Cluster:
 
     def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> patroni.DatabaseStatus:
         self.say("starting Patroni")
-        changed += self._ensure_service(patroni.NAME, self.facts.database_names, file_changes, reload=True,
+        changed += self._ensure_service(patroni.NAME, self.facts.names_with_role("database"), file_changes, reload=True,
                                         gate=("database", lambda: patroni.probe(self.facts)),
                                         last=patroni.probe(self.facts).leader)
         db = self._wait(
@@ -266,7 +266,7 @@ class Cluster:
             if self.host.start(machine, rabbitmq.EPMD):
                 changed.append(f"machine {machine.name}: started epmd")
         broker = functools.partial(rabbitmq.probe, self.facts, self.secrets)
-        changed += self._ensure_service(rabbitmq.NAME, self._names(self.facts.broker_nodes), file_changes,
+        changed += self._ensure_service(rabbitmq.NAME, self.facts.names_with_role("broker"), file_changes,
                                         gate=("broker", broker))
         self._wait(f"broker ({len(self.facts.broker_nodes)} RabbitMQ nodes running in one cluster, no alarms)",
                    BROKER_TIMEOUT_S, broker)
@@ -274,12 +274,8 @@ class Cluster:
     def _broker_machines(self) -> list[Machine]:
         return [m for m in self.host.machines() if any(rabbitmq.runs_on(self.facts.node(n)) for n in m.nodes)]
 
-    @staticmethod
-    def _names(nodes: list[Any]) -> list[str]:
-        return [n.name for n in nodes]
-
     def _up_airflow(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
-        nodes = self._names(self.facts.airflow_nodes)
+        nodes = self.facts.names_with_role("airflow")
         changed += self.dags.push()
         self._migrate_airflow_db(changed)
         self.say("starting Airflow api-servers")
@@ -290,7 +286,7 @@ class Cluster:
         for service in (airflow.SCHEDULER, airflow.DAG_PROCESSOR, airflow.TRIGGERER):
             changed += self._ensure_service(service, nodes, file_changes, gate=("Airflow", self.airflow_probe))
         self.say("starting Celery workers")
-        changed += self._ensure_service(airflow.WORKER, self._names(self.facts.worker_nodes), file_changes,
+        changed += self._ensure_service(airflow.WORKER, self.facts.names_with_role("worker"), file_changes,
                                         gate=("Airflow", self.airflow_probe))
         self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)",
                    AIRFLOW_TIMEOUT_S, lambda: self.airflow_probe())
@@ -426,20 +422,20 @@ class Cluster:
             self.say(f"stopping nodes no longer in the spec: {', '.join(removed)}")
             self._parallel(self.host.stop_node, removed)
         self.say("stopping Celery workers (warm: running tasks finish)")
-        self._parallel(lambda n: self.host.stop(n, airflow.WORKER), self._names(self.facts.worker_nodes))
+        self._parallel(lambda n: self.host.stop(n, airflow.WORKER), self.facts.names_with_role("worker"))
         self.say("stopping schedulers, triggerers, dag-processors, api-servers")
         rest = [(n.name, s) for s in (airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API)
                 for n in self.facts.airflow_nodes]
         with ThreadPoolExecutor(max_workers=len(rest)) as pool:
             list(pool.map(lambda ns: self.host.stop(*ns), rest))
         self.say("stopping RabbitMQ")
-        self._parallel(lambda n: self.host.stop(n, rabbitmq.NAME), self._names(self.facts.broker_nodes))
+        self._parallel(lambda n: self.host.stop(n, rabbitmq.NAME), self.facts.names_with_role("broker"))
         self.say("stopping HAProxy")
         self._parallel(lambda n: self.host.stop(n, haproxy.NAME), nodes)
 
         self.say("stopping Patroni (replicas first, then the leader)")
         leader = patroni.probe(self.facts).leader
-        self._parallel(lambda n: self.host.stop(n, patroni.NAME), [n for n in self.facts.database_names if n != leader])
+        self._parallel(lambda n: self.host.stop(n, patroni.NAME), [n for n in self.facts.names_with_role("database") if n != leader])
         if leader:
             self.host.stop(leader, patroni.NAME)
 
@@ -490,7 +486,7 @@ class Cluster:
             raise UserError(f"{name} was never a node of cluster {self.spec.cluster}; nodes that left the spec: {known}")
         roles = rec.entries.get(name, {}).get("roles")
         members = {m.get("name") for m in (patroni.cluster_view(self.facts) or {}).get("members", [])}
-        if roles is None or set(roles) != {"worker"} or name in members:
+        if roles is None or set(roles) != set(WORKER_ONLY) or name in members:
             raise UserError(f"{name} is a full node (etcd, PostgreSQL and RabbitMQ member); `node remove` takes "
                             "worker-only nodes so far: put it back in the spec")
 

@@ -154,6 +154,9 @@ class ClusterFacts:
     def with_role(self, role: str) -> list[NodeFacts]:
         return [n for n in self.nodes if role in n.roles]
 
+    def names_with_role(self, role: str) -> list[str]:
+        return [n.name for n in self.with_role(role)]
+
     @property
     def database_nodes(self) -> list[NodeFacts]:
         """Patroni + PostgreSQL members."""
@@ -208,10 +211,6 @@ class ClusterFacts:
         if any(n.address.startswith("127.") for n in self.nodes) and "127.0.0.1/32" not in nets:
             nets.append("127.0.0.1/32")
         return nets
-
-    @property
-    def database_names(self) -> list[str]:
-        return [n.name for n in self.database_nodes]
 
     @property
     def pg_primary_endpoints(self) -> list[str]:

@@ -309,7 +309,7 @@ def probe(facts: ClusterFacts) -> DatabaseStatus:
     """Layer status: one running leader, every other member streaming, a synchronous standby."""
     view = cluster_view(facts) or {"members": []}
     by_name = {m.get("name"): m for m in view.get("members", [])}
-    members = [_member(name, by_name.get(name)) for name in facts.database_names]
+    members = [_member(name, by_name.get(name)) for name in facts.names_with_role("database")]
     leaders = [m for m in members if m.role == "leader" and m.state == "running"]
     problems = []
     if len(leaders) != 1:

@@ -339,12 +339,7 @@ def _heal_after_broker_moves(cluster: Cluster, fault: Fault, opts: DrillOptions,
     deadline = time.monotonic() + BROKER_MOVE_TIMEOUT_S
     while time.monotonic() < deadline and not (watch.paused and watch.leader_moved):
         time.sleep(0.5)
-    say(f"[{name}] holding the cut {opts.hold_s:.0f} s more")
-    time.sleep(opts.hold_s)
-    control.run(cluster.spec, fault.node, "heal")
-    back = time.time()
-    timeline.add(f"{fault.node}'s RabbitMQ reconnected (nodes[].control.heal)", back)
-    return back
+    return _hold_then_heal(cluster, fault, opts, timeline, say, name, f"{fault.node}'s RabbitMQ")
 
 
 def _heal_after_new_primary(cluster: Cluster, fault: Fault, since: float, opts: DrillOptions, timeline: Timeline,
@@ -360,11 +355,17 @@ def _heal_after_new_primary(cluster: Cluster, fault: Fault, since: float, opts: 
             seen["majority_primary"], seen["majority_primary_s"] = leader, round(time.time() - since, 2)
             break
         time.sleep(0.5)
+    return _hold_then_heal(cluster, fault, opts, timeline, say, name, fault.node)
+
+
+def _hold_then_heal(cluster: Cluster, fault: Fault, opts: DrillOptions, timeline: Timeline, say: Say, name: str,
+                    what: str) -> float:
+    """The cut held `hold_s` longer, then healed (nodes[].control.heal); returns when."""
     say(f"[{name}] holding the cut {opts.hold_s:.0f} s more")
     time.sleep(opts.hold_s)
     control.run(cluster.spec, fault.node, "heal")
     back = time.time()
-    timeline.add(f"{fault.node} reconnected (nodes[].control.heal)", back)
+    timeline.add(f"{what} reconnected (nodes[].control.heal)", back)
     return back
 
 

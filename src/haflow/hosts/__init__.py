@@ -19,11 +19,12 @@ def for_spec(spec: Spec, state_dir: Path, spec_dir: Path | None = None) -> Host:
 
         # servers of nodes that left the spec stay reachable (as the record says) to be stopped
         # and removed: `down`, `haflow node remove`
-        state = StateDir(state_dir)
-        entries = (state.record().entries if state.record() else {})
+        rec = StateDir(state_dir).record()
+        entries = rec.entries if rec else {}
+        in_spec = {n.name for n in spec.nodes}
         former = [SshTarget(name, e["ssh"]["host"], e["ssh"]["user"], e["ssh"]["port"], e["ssh"]["key"],
                             e["ssh"]["known_hosts"])
-                  for name in state.removed_nodes(spec) if (e := entries.get(name)) and e.get("ssh")]
+                  for name, e in entries.items() if name not in in_spec and e.get("ssh")]
         return SshHost(spec, state_dir, spec_dir, check=lab_route_check, former=former)
     from haflow.hosts.local import LocalHost
 
