@@ -84,9 +84,20 @@ class NodeLayout:
         return self.haproxy_run / "haproxy.sock"
 
 
+@dataclass(frozen=True)
+class EtcdJoin:
+    """How a member's first boot meets the cluster: etcd's initial-cluster and -state. A member
+    reads them only while its data dir is empty, but they are kept as they were so its file
+    never changes (a changed file would restart it)."""
+    initial_cluster: str
+    state: str  # "new": it founded the cluster; "existing": it was added to a running one
+
+
 class ClusterFacts:
-    def __init__(self, spec: Spec) -> None:
+    def __init__(self, spec: Spec, etcd_joins: dict[str, EtcdJoin] | None = None) -> None:
         self.spec = spec
+        # from the state record (StateDir.etcd_joins); without one every member is a founder
+        self._etcd_joins = etcd_joins or {}
 
     @property
     def name(self) -> str:
@@ -182,9 +193,9 @@ class ClusterFacts:
     def etcd_members(self) -> list[NodeFacts]:
         return [n for n in self.nodes if n.is_etcd_member]
 
-    @property
-    def etcd_initial_cluster(self) -> str:
-        return ",".join(f"{n.name}={n.etcd_peer_url}" for n in self.etcd_members)
+    def etcd_join(self, node: str) -> EtcdJoin:
+        return self._etcd_joins.get(node) or EtcdJoin(
+            ",".join(f"{n.name}={n.etcd_peer_url}" for n in self.etcd_members), "new")
 
     @property
     def etcd_hosts(self) -> list[str]:

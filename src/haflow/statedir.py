@@ -10,7 +10,9 @@ config, restarts a process or deletes anything (design.md §7):
 - nodes stay recorded after they leave the spec, with their roles and how their server is
   reached, so `down`, `purge` and `haflow node remove` still find them;
 - the names of the generated secrets are recorded, so a secrets file that lost some of them is
-  told apart from an older one that simply predates a new account.
+  told apart from an older one that simply predates a new account;
+- how each etcd member met the cluster (founded it, or was added to it, with which member list)
+  is recorded, so its etcd file never changes after its first boot.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from haflow.errors import UserError
+from haflow.facts import EtcdJoin, hostport
 from haflow.fsutil import atomic_write
 from haflow.spec import ROLES, WORKER_ONLY, Node, Spec
 
@@ -39,10 +42,19 @@ class Record:
     ports: dict[str, int] = field(default_factory=dict)  # ports that cannot change under a running cluster
     secrets: list[str] = field(default_factory=list)  # names of the secrets generated for it
     created: str = ""
+    # etcd member -> {"initial_cluster": ..., "state": "new" | "existing"}; a member being added
+    # has initial_cluster "" until etcd's member API took it
+    etcd: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "cluster": self.cluster, "created": self.created, "nodes": self.nodes,
-                           "entries": self.entries, "ports": self.ports, "secrets": sorted(self.secrets)}, indent=1) + "\n"
+                           "entries": self.entries, "ports": self.ports, "secrets": sorted(self.secrets),
+                           "etcd": self.etcd}, indent=1) + "\n"
+
+    @property
+    def running(self) -> bool:
+        """The cluster was brought up here once (its secrets exist): its etcd members are set."""
+        return bool(self.secrets)
 
 
 # A member's peer URL is its identity in etcd's membership: changing it needs etcd's member API.
@@ -64,7 +76,9 @@ class StateDir:
             return Record(cluster=str(data["cluster"]), nodes={str(k): str(v) for k, v in data.get("nodes", {}).items()},
                           entries={str(k): dict(v) for k, v in data.get("entries", {}).items()},
                           ports={str(k): int(v) for k, v in data.get("ports", {}).items()},
-                          secrets=[str(s) for s in data.get("secrets", [])], created=str(data.get("created", "")))
+                          secrets=[str(s) for s in data.get("secrets", [])], created=str(data.get("created", "")),
+                          etcd={str(k): {"initial_cluster": str(v["initial_cluster"]), "state": str(v["state"])}
+                                for k, v in data.get("etcd", {}).items()})
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -124,6 +138,7 @@ class StateDir:
             problems = self._unchangeable(rec, spec)
             if problems:
                 raise UserError(f"{source}: {len(problems)} change(s) an existing cluster cannot take", details=problems)
+        self._record_etcd_members(rec, spec)
         rec.nodes.update({n.name: n.address for n in spec.nodes})
         rec.entries.update({n.name: node_entry(n, spec_dir or Path.cwd()) for n in spec.nodes})
         rec.ports = {p: getattr(spec.ports, p) for p in FIXED_PORTS}
@@ -131,8 +146,36 @@ class StateDir:
         return rec
 
     @staticmethod
-    def _unchangeable(rec: Record, spec: Spec) -> list[str]:
+    def _record_etcd_members(rec: Record, spec: Spec) -> None:
+        """Founders (every member of a cluster not yet brought up, or of a record older than this
+        bookkeeping) start with the spec's member list; a member new to a running cluster is
+        marked to be added through etcd's member API (`etcd_added`), one after the other."""
+        def peer(n: Node) -> str:
+            return f"{n.name}=http://{hostport(n.address, spec.ports.etcd_peer)}"
+
+        if not rec.running or not rec.etcd:
+            founders = [n for n in spec.etcd_members if not rec.running or n.name in rec.nodes]
+            initial = ",".join(peer(n) for n in founders)
+            rec.etcd = {n.name: {"initial_cluster": initial, "state": "new"} for n in founders}
+        for n in spec.etcd_members:
+            rec.etcd.setdefault(n.name, {"initial_cluster": "", "state": "existing"})
+
+    @staticmethod
+    def _etcd_changes(rec: Record, spec: Spec) -> list[str]:
+        if not rec.running:
+            return []
         problems = []
+        members = {n.name for n in spec.etcd_members}
+        staying = {n.name for n in spec.nodes}
+        for m in sorted(set(rec.etcd) - members):
+            if m in staying:
+                problems.append(f"etcd.members: {m} is an etcd member of the running cluster; removing an etcd member "
+                                f"from a node that stays is not supported: put {m} back in etcd.members")
+        return problems
+
+    @staticmethod
+    def _unchangeable(rec: Record, spec: Spec) -> list[str]:
+        problems = StateDir._etcd_changes(rec, spec)
         for i, n in enumerate(spec.nodes):
             old = rec.nodes.get(n.name)
             # a record older than roles knew full nodes only
@@ -141,11 +184,6 @@ class StateDir:
                 problems.append(
                     f"nodes[{i}].roles: {n.name} was created as a {_kind(old_roles)} node; a node cannot change what "
                     f"it runs: put back its roles, or remove it and add a new node")
-            elif old is None and not n.worker_only and rec.secrets:
-                problems.append(
-                    f"nodes[{i}]: {n.name} would be a new full node of a running cluster; adding etcd, PostgreSQL and "
-                    "RabbitMQ members to a cluster is not supported yet: add it as `roles: [worker]`, or build a new "
-                    "cluster with it")
             if old is not None and old != n.address:
                 problems.append(
                     f"nodes[{i}].address: {n.name} was created at {old}; a node's address is part of its etcd peer URL "
@@ -159,12 +197,35 @@ class StateDir:
                     f"their URLs, so a new {p} would split the cluster: put back {old_port}")
         return problems
 
+    # --- etcd membership -------------------------------------------------------------------------
+    def etcd_joins(self, spec: Spec) -> dict[str, EtcdJoin]:
+        """How each recorded etcd member meets the cluster on its first boot (for ClusterFacts).
+        A member still being added gets the list it will have: the spec's members."""
+        rec = self.record()
+        if rec is None or not rec.etcd:
+            return {}
+        planned = ",".join(f"{n.name}=http://{hostport(n.address, spec.ports.etcd_peer)}" for n in spec.etcd_members)
+        return {m: EtcdJoin(v["initial_cluster"] or planned, v["state"]) for m, v in rec.etcd.items()}
+
+    def etcd_to_add(self) -> list[str]:
+        """Members marked to be added that etcd's member API has not taken yet."""
+        rec = self.record()
+        return [m for m, v in (rec.etcd if rec else {}).items() if not v["initial_cluster"]]
+
+    def etcd_added(self, name: str, initial_cluster: str) -> None:
+        """etcd took `name` as a member; `initial_cluster` is the member list it boots with."""
+        rec = self.record()
+        if rec is not None:
+            rec.etcd[name] = {"initial_cluster": initial_cluster, "state": "existing"}
+            self.save(rec)
+
     def forget(self, name: str) -> None:
         """A node removed for good (`haflow node remove`): no longer part of the cluster."""
         rec = self.record()
         if rec is not None and name in rec.nodes:
             rec.nodes.pop(name)
             rec.entries.pop(name, None)
+            rec.etcd.pop(name, None)
             self.save(rec)
 
     def save(self, rec: Record) -> None:

@@ -188,7 +188,7 @@ def test_dag_folder_symlinks_are_copied_as_links(tmp_path):
     assert folder_checksum(link) != folder_checksum(dags)  # a retargeted link is a change
 
 
-def test_a_running_cluster_takes_a_new_worker_but_neither_a_new_full_node_nor_a_role_change(tmp_path):
+def test_a_running_cluster_takes_new_workers_and_full_nodes_but_no_role_change(tmp_path):
     state = StateDir(tmp_path / "state")
     state.claim(parse_spec(spec_data()), "s")
     state.record_secrets(["postgres_airflow"])  # the cluster was created
@@ -196,17 +196,60 @@ def test_a_running_cluster_takes_a_new_worker_but_neither_a_new_full_node_nor_a_
     grown["nodes"].append({"name": "w1", "address": "127.0.0.87", "roles": ["worker"]})
     state.claim(parse_spec(grown), "s")  # a worker-only node joins a running cluster
     assert state.record().entries["w1"] == {"roles": ["worker"], "ssh": None}
-    full = spec_data()
-    full["nodes"] += [{"name": "node4", "address": "127.0.0.88"}, {"name": "node5", "address": "127.0.0.89"}]
-    with pytest.raises(UserError) as e:
-        state.claim(parse_spec(full), "s")
-    assert any(d.startswith("nodes[3]: node4 would be a new full node of a running cluster") for d in e.value.details), e.value.details
+    assert "w1" not in state.record().etcd and state.etcd_to_add() == []
     changed = spec_data()
     changed["nodes"].append({"name": "w1", "address": "127.0.0.87"})  # the worker made a full node
-    changed["etcd"]["members"] = ["node1", "node2", "node3"]
     with pytest.raises(UserError) as e:
         state.claim(parse_spec(changed), "s")
     assert any(d.startswith("nodes[3].roles: w1 was created as a worker-only node") for d in e.value.details), e.value.details
+    full = spec_data()
+    full["nodes"] += [{"name": "node4", "address": "127.0.0.88"}, {"name": "node5", "address": "127.0.0.89"}]
+    full["etcd"]["members"] += ["node4", "node5"]
+    state.claim(parse_spec(full), "s")  # two full nodes, both etcd members: added one after the other
+    assert state.etcd_to_add() == ["node4", "node5"]
+
+
+def test_new_etcd_members_are_marked_to_join_and_the_founders_files_keep_their_member_list(tmp_path):
+    state = StateDir(tmp_path / "state")
+    state.claim(parse_spec(spec_data()), "s")
+    founders = ",".join(f"node{i + 1}=http://{a}:2380" for i, a in enumerate(ADDRESSES))
+    assert state.record().etcd["node1"] == {"initial_cluster": founders, "state": "new"}
+    state.record_secrets(["postgres_airflow"])  # the cluster was created
+    grown = spec_data()
+    grown["nodes"] += [{"name": "node4", "address": "127.0.0.88"}, {"name": "node5", "address": "127.0.0.89"}]
+    grown["etcd"]["members"] += ["node4", "node5"]
+    spec = parse_spec(grown)
+    state.claim(spec, "s")
+    assert state.etcd_to_add() == ["node4", "node5"]
+    joins = state.etcd_joins(spec)
+    assert joins["node1"].initial_cluster == founders and joins["node1"].state == "new"
+    planned = founders + ",node4=http://127.0.0.88:2380,node5=http://127.0.0.89:2380"
+    assert joins["node4"].state == "existing" and joins["node4"].initial_cluster == planned
+    state.etcd_added("node4", "etcd's own list")  # what etcd's member API answered
+    state.claim(spec, "s")  # a re-run: node4 is not added again, and etcd's answer is kept
+    assert state.etcd_to_add() == ["node5"] and state.etcd_joins(spec)["node4"].initial_cluster == "etcd's own list"
+    assert state.etcd_joins(spec)["node1"].initial_cluster == founders
+    dropped = spec_data()
+    dropped["nodes"] = grown["nodes"]
+    dropped["etcd"]["members"] = ["node1", "node2", "node4"]
+    with pytest.raises(UserError) as e:
+        state.claim(parse_spec(dropped), "s")
+    assert any(d.startswith("etcd.members: node3 is an etcd member of the running cluster") for d in e.value.details)
+
+
+def test_a_record_from_before_etcd_bookkeeping_counts_its_nodes_as_founders(tmp_path):
+    state = StateDir(tmp_path / "state")
+    state.claim(parse_spec(spec_data()), "s")
+    state.record_secrets(["postgres_airflow"])
+    old = json.loads(state.record_path.read_text())
+    del old["etcd"]
+    state.record_path.write_text(json.dumps(old))
+    grown = spec_data()
+    grown["nodes"] += [{"name": "node4", "address": "127.0.0.88"}, {"name": "node5", "address": "127.0.0.89"}]
+    grown["etcd"]["members"] += ["node4", "node5"]
+    state.claim(parse_spec(grown), "s")
+    assert state.etcd_to_add() == ["node4", "node5"]
+    assert state.record().etcd["node3"]["state"] == "new" and "node4" not in state.record().etcd["node3"]["initial_cluster"]
 
 
 def test_the_record_keeps_how_a_server_is_reached_with_absolute_paths(tmp_path):

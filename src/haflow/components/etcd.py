@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ QUOTA_BYTES = 1024**3
 def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str, Any]:
     # Restarting a member with an existing data dir ignores the initial-* keys, so the same
     # file serves the first boot and every restart.
+    join = facts.etcd_join(node.name)
     return {
         "name": node.name,
         "data-dir": str(layout.etcd_data),
@@ -41,9 +43,9 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout) -> dict[str
         "advertise-client-urls": node.etcd_client_url,
         "listen-peer-urls": node.etcd_peer_url,
         "initial-advertise-peer-urls": node.etcd_peer_url,
-        "initial-cluster": facts.etcd_initial_cluster,
+        "initial-cluster": join.initial_cluster,
         "initial-cluster-token": facts.etcd_token,
-        "initial-cluster-state": "new",
+        "initial-cluster-state": join.state,
         "enable-v2": False,
         # Patroni's etcd3 client and our probes use the JSON gateway under /v3. The flag
         # defaults to on, but a config file leaves every unlisted bool off.
@@ -205,6 +207,90 @@ def move_leader_away(facts: ClusterFacts, avoid: str, timeout: float = 3.0) -> s
         target = (status or {}).get("header", {}).get("member_id")
         if target and _post_body(source, "/v3/maintenance/transfer-leadership", {"targetID": target}, timeout) is not None:
             return peer.name
+    return None
+
+
+# --- membership -------------------------------------------------------------------------------
+# A new member joins as a learner: it does not vote (quorum stays what it was while it has not
+# started or caught up) and is promoted once etcd says it is in sync.
+PROMOTE_TIMEOUT_S = 120
+ADD_TIMEOUT_S = 60
+
+
+def add_learner(facts: ClusterFacts, node: NodeFacts) -> str:
+    """Add `node` to the running cluster as a learner (once: a re-run finds it added) and return
+    the initial-cluster its first boot needs: every member, itself included."""
+    members = _members(facts) or []
+    deadline = time.monotonic() + ADD_TIMEOUT_S
+    while not any(node.etcd_peer_url in m.get("peerURLs", []) for m in members):
+        r = _first_answer(facts, "/v3/cluster/member/add", {"peerURLs": [node.etcd_peer_url], "isLearner": True})
+        if r is not None and r.status_code == 200:
+            members = r.json().get("members", [])
+        elif r is not None and "unhealthy cluster" in r.text and time.monotonic() < deadline:
+            time.sleep(1)  # etcd adds members only when every voter has been connected for 5 s
+        else:
+            why = r.text.strip() if r is not None else "no member answered"
+            raise ClusterUnhealthy(f"etcd refused to add {node.name} as a member: {why}; data is kept, run "
+                                   "`haflow status`, then re-run")
+    # the new member has no name until it boots: it is the one with our peer URL
+    return ",".join(f"{m.get('name') or node.name}={url}" for m in members for url in m.get("peerURLs", []))
+
+
+def learners(facts: ClusterFacts) -> list[str]:
+    """Members that do not vote yet (node names)."""
+    return [_member_name(facts, m) for m in _members(facts) or [] if m.get("isLearner")]
+
+
+def promote_learners(facts: ClusterFacts, timeout: float = PROMOTE_TIMEOUT_S) -> list[str]:
+    """Promote every learner to a voting member as soon as etcd deems it in sync; returns
+    their names. Raises ClusterUnhealthy if one does not catch up within `timeout`."""
+    promoted: list[str] = []
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        members = _members(facts)
+        pending = [m for m in members or [] if m.get("isLearner")]
+        if members is not None and not pending:
+            return promoted
+        for m in pending:
+            r = _first_answer(facts, "/v3/cluster/member/promote", {"ID": m["ID"]})
+            if r is not None and r.status_code == 200:
+                promoted.append(_member_name(facts, m))
+            elif r is not None:
+                last = r.text.strip()
+        if time.monotonic() > deadline:
+            names = ", ".join(_member_name(facts, m) for m in pending) or "(no member answered)"
+            raise ClusterUnhealthy(f"etcd learner {names} did not catch up within {timeout:.0f}s ({last or 'no answer'}); "
+                                   "data is kept: check its etcd log, then re-run")
+        time.sleep(1)
+
+
+def remove_member(facts: ClusterFacts, node: NodeFacts) -> bool:
+    """Remove `node`'s member (found by its peer URL); False if etcd has no such member."""
+    for m in _members(facts) or []:
+        if node.etcd_peer_url in m.get("peerURLs", []):
+            _call(facts, "/v3/cluster/member/remove", {"ID": m["ID"]})
+            return True
+    return False
+
+
+def _member_name(facts: ClusterFacts, member: dict[str, Any]) -> str:
+    """A member's node (it has no name of its own until it booted): by its peer URL."""
+    urls = member.get("peerURLs", [])
+    return next((n.name for n in facts.nodes if n.etcd_peer_url in urls), member.get("name") or ",".join(urls))
+
+
+def _members(facts: ClusterFacts) -> list[dict[str, Any]] | None:
+    """etcd's member list, None if no member answers."""
+    r = _first_answer(facts, "/v3/cluster/member/list", {})
+    return r.json().get("members", []) if r is not None and r.status_code == 200 else None
+
+
+def _first_answer(facts: ClusterFacts, path: str, body: dict[str, Any]) -> httpx.Response | None:
+    for m in facts.etcd_members:
+        r = _request(m.etcd_client_url, path, body, 5.0)
+        if r is not None:
+            return r
     return None
 
 
