@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/haflow prereqs --install
-.venv/bin/python -m pytest tests/unit tests/integration tests/lab -v -p no:cacheprovider --timeout 900 "$@"
+.venv/bin/python -m pytest tests/unit tests/integration tests/lab -v -p no:cacheprovider --timeout 900 --durations=30 "$@"

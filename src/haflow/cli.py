@@ -497,8 +497,9 @@ def node_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result: removed, changed, elapsed_s.")
 @handle_errors
 def node_remove(spec_file: Path | None, state_dir: Path | None, name: str, yes: bool, as_json: bool) -> None:
-    """Remove a worker-only node that was deleted from the spec: drain its worker, stop it,
-    delete its files, and re-apply the rest of the cluster."""
+    """Remove a node that was deleted from the spec: a full node hands over its roles first
+    (primary, quorum queue replicas, RabbitMQ and etcd membership); then drain its worker, stop
+    it, delete its files, and re-apply the rest of the cluster."""
     cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
     cluster.check_removable(name)
     if not yes:

@@ -30,7 +30,7 @@ from haflow.facts import ClusterFacts
 from haflow.hosts.base import Host, Machine, Target
 from haflow.secrets import FILE_NAME as SECRETS_FILE
 from haflow.secrets import Secrets
-from haflow.spec import WORKER_ONLY, Spec
+from haflow.spec import ROLES, WORKER_ONLY, Node, Spec
 from haflow.statedir import StateDir
 
 Say = Callable[[str], None]
@@ -56,10 +56,10 @@ class Cluster:
         self.spec = spec
         self.spec_dir = spec_dir or Path.cwd()
         self.source = source  # how errors name the spec (its path, or "the embedded default spec")
-        self.facts = ClusterFacts(spec)
         self.state_dir = state_dir
         self.state = StateDir(state_dir)
         self.state.check_owner(spec, source)  # before anything reads or touches another cluster's files
+        self.facts = self._read_facts()
         self.host = host or hosts.for_spec(spec, state_dir)
         self.dags = Dags(spec, self.spec_dir, state_dir, self.host)
         self.say = say
@@ -68,6 +68,10 @@ class Cluster:
         self.applied = AppliedConfigs(state_dir, self.host)
         self._stale: dict[str, set[str]] = {}  # per node: running services whose definition changed
         self.actions: dict[str, dict[str, list[str]]] = {}  # per node: files changed, services started/restarted
+
+    def _read_facts(self) -> ClusterFacts:
+        """The cluster's facts, with how each etcd member joined as the record has it."""
+        return ClusterFacts(self.spec, self.state.etcd_joins(self.spec))
 
     @property
     def secrets(self) -> Secrets:
@@ -140,6 +144,7 @@ class Cluster:
         # first: refuse another cluster's directory, record ours (and fix its mode before any
         # path decision is made from it)
         self.state.claim(self.spec, self.source, self.spec_dir)
+        self.facts = self._read_facts()  # the claim records a new etcd member
         self._preflight()  # cheap, and bad input must fail before anything is installed
         changed += self.ensure_secrets()
         changed += self.ensure_prerequisites()
@@ -198,11 +203,33 @@ class Cluster:
         return file_changes
 
     def _up_dcs(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
+        members = [n.name for n in self.facts.etcd_members]
+        for name in [m for m in self.state.etcd_to_add() if m in members]:  # one at a time: etcd takes one learner
+            changed += self._add_etcd_member(name)
         self.say("starting etcd")
         quorum = functools.partial(etcd.probe, self.facts)
         changed += self._ensure_service(etcd.NAME, [n.name for n in self.facts.etcd_members], file_changes,
                                         gate=("etcd quorum", quorum), last=etcd.leader_name(self.facts, timeout=1.0))
+        if any(self.facts.etcd_join(m).state == "existing" for m in members):  # a run may have stopped before it
+            for name in etcd.promote_learners(self.facts):
+                changed.append(f"{name}: promoted from etcd learner to voting member")
         self._wait("etcd quorum (all members healthy, a leader)", ETCD_TIMEOUT_S, quorum)
+
+    def _add_etcd_member(self, name: str) -> list[str]:
+        """A member new to a running cluster: added through etcd's member API as a learner, its
+        file rewritten with the member list etcd answered (recorded: a re-run finds it added),
+        started, and promoted once in sync."""
+        self.say(f"adding {name} to etcd (a learner until it catches up)")
+        self.state.etcd_added(name, etcd.add_learner(self.facts, self.facts.node(name)))
+        self.facts = self._read_facts()
+        desired = self.desired(name)
+        self.applied.expect(name, desired)
+        self.host.apply(name, desired)
+        self.host.start(name, etcd.NAME)
+        self._act(name, "started", etcd.NAME)
+        self.applied.took(name, etcd.NAME)
+        etcd.promote_learners(self.facts)
+        return [f"{name}: added to etcd as a learner, started, promoted to voting member"]
 
     def _up_database(self, file_changes: dict[str, list[Path]], changed: list[str]) -> patroni.DatabaseStatus:
         self.say("starting Patroni")
@@ -270,6 +297,17 @@ class Cluster:
                                         gate=("broker", broker))
         self._wait(f"broker ({len(self.facts.broker_nodes)} RabbitMQ nodes running in one cluster, no alarms)",
                    BROKER_TIMEOUT_S, broker)
+        changed += self._grow_quorum_queues()
+
+    def _grow_quorum_queues(self) -> list[str]:
+        """A RabbitMQ node that joined holds no replica of the existing quorum queues: add one
+        on it for each (what every node holds, a new node must hold to keep the replication)."""
+        done = []
+        for node, queues in rabbitmq.missing_replicas(self.facts, self.secrets).items():
+            self.say(f"{node}: adding a replica of {len(queues)} quorum queue(s)")
+            self._rabbit_cli(rabbitmq.grow(self.facts, node), node, "rabbitmq-queues grow")
+            done.append(f"{node}: added a replica of quorum queue(s) {', '.join(queues)}")
+        return done
 
     def _broker_machines(self) -> list[Machine]:
         return [m for m in self.host.machines() if any(rabbitmq.runs_on(self.facts.node(n)) for n in m.nodes)]
@@ -369,7 +407,7 @@ class Cluster:
         """Start the service where it is not running; where its config changed, reload it, or
         restart it one node at a time (the `last` node, e.g. the leader, at the end), waiting
         for the layer's `gate` after each restart, so a config change never takes a layer down."""
-        done = []
+        done = self._reload_running(service, nodes, file_changes) if reload else []
         stale = []
         for node in nodes:
             if self.host.start(node, service):
@@ -392,6 +430,19 @@ class Cluster:
             done.append(f"{node}: restarted {service}")
             if gate:
                 self._wait(f"{gate[0]} after restarting {service} on {node}", ROLLING_GATE_TIMEOUT_S, gate[1])
+        return done
+
+    def _reload_running(self, service: str, nodes: list[str], file_changes: dict[str, list[Path]]) -> list[str]:
+        """Running members take their new files before a new member starts: it may need them
+        (a new PostgreSQL replica's base backup needs the primary's pg_hba to admit it)."""
+        done = []
+        for node in nodes:
+            if (self.host.instance(node, service) is not None and service not in self._stale.get(node, ())
+                    and self.applied.stale(node, service, file_changes.get(node, []))):
+                self.host.reload(node, service)
+                done.append(f"{node}: reloaded {service}")
+                self._act(node, "reloaded", service)
+                self.applied.took(node, service)
         return done
 
     def _act(self, node: str, action: str, service: str) -> None:
@@ -476,7 +527,8 @@ class Cluster:
     # --- node changes ---------------------------------------------------------------------------
     def check_removable(self, name: str) -> None:
         """A node leaves the cluster only once it left the spec (the spec is the source of truth),
-        and only a worker-only node: a full member holds quorum state (UserError otherwise)."""
+        and only a node the record knows (UserError otherwise). The spec without it was checked
+        already: at least 3 full nodes, an odd etcd membership."""
         rec = self.state.record()
         if name in self.facts.node_names:
             raise UserError(f"{name} is still in {self.source}; delete it from `nodes:` first (the spec says what the "
@@ -484,18 +536,18 @@ class Cluster:
         if rec is None or name not in rec.nodes:
             known = ", ".join(self.state.removed_nodes(self.spec)) or "none"
             raise UserError(f"{name} was never a node of cluster {self.spec.cluster}; nodes that left the spec: {known}")
-        roles = rec.entries.get(name, {}).get("roles")
-        members = {m.get("name") for m in (patroni.cluster_view(self.facts) or {}).get("members", [])}
-        if roles is None or set(roles) != set(WORKER_ONLY) or name in members:
-            raise UserError(f"{name} is a full node (etcd, PostgreSQL and RabbitMQ member); `node remove` takes "
-                            "worker-only nodes so far: put it back in the spec")
 
     def remove_node(self, name: str) -> dict[str, Any]:
-        """Drain and stop a worker-only node that left the spec, delete its files on its server,
-        forget it, and re-apply the rest (PostgreSQL stops admitting its address), between health
-        gates. Idempotent: a re-run after a failure picks up where it stopped."""
+        """Drain and stop a node that left the spec (a full node hands over its quorum roles
+        first), delete its files on its server, forget it, and re-apply the rest (PostgreSQL
+        stops admitting its address), between health gates. Idempotent: a re-run after a failure
+        picks up where it stopped."""
         t0 = time.monotonic()
         self.check_removable(name)
+        rec = self.state.record()
+        assert rec is not None  # check_removable
+        if set(rec.entries.get(name, {}).get("roles") or ROLES) != set(WORKER_ONLY):
+            self._retire_full_node(name, self._facts_with(name, rec.nodes[name], name in rec.etcd))
         self.say(f"draining {name}'s Celery worker (running tasks finish)")
         self.host.stop(name, airflow.WORKER)
         self.say(f"stopping {name}")
@@ -510,6 +562,54 @@ class Cluster:
         self.say("re-applying the cluster without it")
         result = self.up(smoke=False)
         return {"removed": name, "changed": result["changed"], "elapsed_s": round(time.monotonic() - t0, 1)}
+
+    def _facts_with(self, name: str, address: str, etcd_member: bool) -> ClusterFacts:
+        """The cluster's facts as they were with the node still in it (its RabbitMQ name, its
+        etcd peer URL, Patroni's view of it)."""
+        node = Node(name=name, address=address)
+        members = [n.name for n in self.spec.etcd_members] + ([name] if etcd_member else [])
+        former = self.spec.model_copy(update={"nodes": [*self.spec.nodes, node],
+                                              "etcd": self.spec.etcd.model_copy(update={"members": members})})
+        return ClusterFacts(former, self.state.etcd_joins(former))
+
+    def _retire_full_node(self, name: str, former: ClusterFacts) -> None:
+        """Hand a full node's quorum roles to the others, each step safe to repeat: the primary
+        moves off it, its Airflow services stop (the worker warm), every quorum queue drops its
+        replica there and RabbitMQ forgets the node, its PostgreSQL (a replica by then) stops,
+        and etcd removes its member."""
+        # a synchronous standby is named a little after a switchover: wait for a healthy layer
+        db = self._wait("database (with the node still in it)", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(former))
+        if db.leader == name:
+            leader, candidate = patroni.switchover_plan(former, None)
+            self.say(f"{name} holds the primary: switching it over to {candidate}")
+            patroni.request_switchover(former, self.secrets, leader, candidate)
+            self._wait(f"the primary on {candidate}", ROLLING_GATE_TIMEOUT_S,
+                       lambda: _leader_on(patroni.probe(former), candidate))
+        self.say(f"stopping {name}'s Airflow services (the worker warm: running tasks finish)")
+        self.host.stop(name, airflow.WORKER)
+        self._parallel(lambda service: self.host.stop(name, service),
+                       [airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API])
+        peer = self.facts.broker_nodes[0].name  # a RabbitMQ node that stays runs the CLI
+        self.say(f"moving quorum queue replicas off {name}, then RabbitMQ forgets it")
+        self._rabbit_cli(rabbitmq.shrink(former, name), peer, "rabbitmq-queues shrink")
+        self.host.stop(name, rabbitmq.NAME)
+        self._rabbit_cli(rabbitmq.forget(former, name), peer, "rabbitmqctl forget_cluster_node", ok="not a member")
+        self.host.stop(name, patroni.NAME)
+        self._wait("database without it", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(self.facts))
+        if name in [n.name for n in former.etcd_members]:
+            self.say(f"removing {name}'s etcd member")
+            self.host.stop(name, etcd.NAME)
+            etcd.remove_member(self.facts, former.node(name))
+            self._wait("etcd quorum without it", ETCD_TIMEOUT_S, lambda: etcd.probe(self.facts))
+
+    def _rabbit_cli(self, argv: list[str], peer: str, what: str, ok: str | None = None) -> None:
+        """A RabbitMQ CLI command aimed at `peer`'s node, run there as RabbitMQ's user (the CLI
+        reads the Erlang cookie in its home)."""
+        layout = self.host.layout(peer)
+        rc, out = self.host.run(peer, argv, rabbitmq.env(self.facts, self.facts.node(peer), layout), timeout=120,
+                                user=layout.user(rabbitmq.NAME))
+        if rc != 0 and not (ok and ok in out):
+            raise ClusterUnhealthy(f"{peer}: {what} failed: {out.strip()[-300:]}; data is kept, re-run")
 
     # --- planned operations -------------------------------------------------------------------
     def switchover(self, to: str | None = None, timeout: float = 60) -> dict[str, Any]:
@@ -544,6 +644,11 @@ def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
     for k, v in d.items():
         out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
     return out
+
+
+def _leader_on(db: patroni.DatabaseStatus, node: str) -> LayerStatus:
+    ok = db.leader == node
+    return LayerStatus(ok, () if ok else (f"the primary is on {db.leader or 'no node'}, not yet on {node}",))
 
 
 def _unhealthy_members(status: LayerStatus) -> str:

@@ -259,6 +259,20 @@ def test_lb_check_follows_a_switchover_through_the_stand_in_cloud_balancer(lab):
     assert r.returncode == 1 and not json.loads(r.stdout)["reaches_primary"], r.stdout
 
 
+def fanout_reaches(spec: Path, node: str) -> None:
+    """The fanout DAG succeeds and `node`'s worker ran some of its tasks (20 tasks over 4
+    workers: asked again if not, at most twice)."""
+    ran_on: list[str] = []
+    for _ in range(3):
+        r = haflow("dags", "trigger", "haflow_fanout", "--json", "-f", str(spec))
+        run = json.loads(r.stdout)
+        assert r.returncode == 0 and run["state"] == "success", (run, r.stderr[-2000:])
+        ran_on = run["nodes"]
+        if node in ran_on:
+            return
+    assert node in ran_on, ran_on
+
+
 def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
     """The spec gains a worker-only server: deploy adds it without restarting the others and its
     worker runs tasks; deleted from the spec, `node remove` drains it, deletes its files, and the
@@ -278,15 +292,7 @@ def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
         assert result["deploy"]["hosts"][name]["restarted"] == [], result["deploy"]["hosts"]
     units = on(spare["name"], "systemctl list-units --plain --no-legend 'haflow-lab-*.service' | awk '{print $1}'").split()
     assert sorted(units) == ["haflow-lab-airflow-worker.service", "haflow-lab-haproxy.service"], units
-    ran_on: list[str] = []
-    for _ in range(3):  # 20 tasks over 4 workers: the new one takes some (asked again if not, at most twice)
-        r = haflow("dags", "trigger", "haflow_fanout", "--json", "-f", str(grown))
-        run = json.loads(r.stdout)
-        assert r.returncode == 0 and run["state"] == "success", (run, r.stderr[-2000:])
-        ran_on = run["nodes"]
-        if spare["name"] in ran_on:
-            break
-    assert spare["name"] in ran_on, ran_on
+    fanout_reaches(grown, spare["name"])
 
     # still in the spec: refused, nothing touched
     r = haflow("node", "remove", spare["name"], "--yes", "-f", str(grown))
@@ -311,6 +317,46 @@ def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
     r = haflow("dags", "trigger", "haflow_example", "--json", "-f", str(lab["spec_path"]))
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "success", r.stderr[-2000:]
     grown.unlink()
+
+
+def test_a_full_node_joins_by_deploy_and_leaves_by_node_remove(lab):
+    """A fourth full server: deploy builds a Patroni replica there, joins its RabbitMQ node and
+    grows every quorum queue onto it, starts its Airflow services; etcd keeps its three members
+    (an odd count, as the spec says). The new node runs tasks. Deleted from the spec, `node
+    remove` hands its roles back and the cluster is healthy on three nodes again."""
+    spare, names = lab["spare"], lab["names"]
+    data = yaml.safe_load(lab["spec_path"].read_text())
+    data["nodes"].append({"name": spare["name"], "address": spare["address"], "ssh": dict(data["nodes"][0]["ssh"])})
+    full = lab["spec_path"].parent / "cluster-full.yaml"  # same folder: the same state directory
+    full.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = haflow("deploy", "-f", str(full), "--json")
+    assert r.returncode == 0, (r.stderr[-4000:], r.stdout[-2000:])
+    result = json.loads(r.stdout)
+    assert result["status"]["healthy"], result["status"]
+    started = set(result["deploy"]["hosts"][spare["name"]]["started"])
+    assert {"patroni", "rabbitmq", "airflow-scheduler", "airflow-worker"} <= started and "etcd" not in started, started
+    layers = json.loads(haflow("status", "--json", "-f", str(full)).stdout)["layers"]
+    db = {m["node"]: m for m in layers["database"]["members"]}
+    assert db[spare["name"]]["state"] == "streaming", db
+    assert {m["node"] for m in layers["broker"]["members"] if m["running"]} == {*names, spare["name"]}, layers["broker"]
+    queues = layers["broker"]["quorum_queues"]
+    assert queues and all(q["members"] == q["online"] == 4 for q in queues), queues
+    assert [m["node"] for m in layers["dcs"]["members"]] == names, layers["dcs"]
+    assert f"{spare['name']}@lab" in layers["airflow"]["workers"], layers["airflow"]
+    fanout_reaches(full, spare["name"])
+    again = json.loads(haflow("deploy", "-f", str(full), "--json", "--no-smoke").stdout)
+    assert again["deploy"]["changed"] == [], again["deploy"]["changed"]  # idempotent
+
+    r = haflow("node", "remove", spare["name"], "--yes", "--json", "-f", str(lab["spec_path"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)
+    assert snap["healthy"] and snap["removed_nodes"] == [], snap
+    queues = snap["layers"]["broker"]["quorum_queues"]
+    assert queues and all(q["members"] == q["online"] == 3 for q in queues), queues  # its replicas dropped
+    assert on(spare["name"], "ls /etc/haflow /var/lib/haflow /etc/systemd/system 2>/dev/null | grep -c lab; true").strip() == "0"
+    r = haflow("dags", "trigger", "haflow_example", "--json", "-f", str(lab["spec_path"]))
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "success", r.stderr[-2000:]
+    full.unlink()
 
 
 def test_down_stops_every_unit_and_purge_removes_the_cluster(lab):

@@ -172,35 +172,38 @@ def _everywhere(host: RecordingHost, service: str, nodes: list[str]) -> bool:
     return all(f"{n}/{service}" in host.up for n in nodes)
 
 
-def _layers(host: RecordingHost, names: list[str], fail: str | None) -> dict[str, Any]:
-    """Probes that answer from the recording host, as the servers would; `fail`: a layer that
-    never becomes healthy."""
-    def etcd_ok() -> bool:
-        return fail != "etcd" and _everywhere(host, etcd.NAME, names)
+def _layers(host: RecordingHost, fail: str | None) -> dict[str, Any]:
+    """Probes that answer from the recording host, as the servers would, about the full nodes of
+    the facts they are given; `fail`: a layer that never becomes healthy."""
+    def full(facts: Any) -> list[str]:
+        return facts.names_with_role("database")
 
-    def db_ok() -> bool:
-        return fail != "database" and etcd_ok() and _everywhere(host, patroni.NAME, names)
+    def etcd_ok(facts: Any) -> bool:
+        return fail != "etcd" and _everywhere(host, etcd.NAME, [n.name for n in facts.etcd_members])
+
+    def db_ok(facts: Any) -> bool:
+        return fail != "database" and etcd_ok(facts) and _everywhere(host, patroni.NAME, full(facts))
 
     def layer(ok: bool) -> LayerStatus:
         return LayerStatus(ok, () if ok else ("not yet",))
 
-    def database() -> patroni.DatabaseStatus:
-        ok = db_ok()
+    def database(facts: Any) -> patroni.DatabaseStatus:
+        ok = db_ok(facts)
         members = tuple(patroni.DbMember(n, "leader" if n == "node1" else "replica", "running" if n == "node1" else "streaming",
-                                         0, 1, False) for n in names)
+                                         0, 1, False) for n in full(facts))
         return patroni.DatabaseStatus(ok, () if ok else ("not yet",), "node1" if ok else None, members)
 
     return {
-        "etcd": lambda facts: layer(etcd_ok()),
-        "etcd_leader": lambda facts, timeout=3.0: "node1" if etcd_ok() else None,
-        "patroni": lambda facts: database(),
-        "haproxy": lambda facts, secrets, leader: layer(fail != "balancers" and db_ok()
-                                                        and _everywhere(host, haproxy.NAME, names)),
+        "etcd": lambda facts: layer(etcd_ok(facts)),
+        "etcd_leader": lambda facts, timeout=3.0: "node1" if etcd_ok(facts) else None,
+        "patroni": database,
+        "haproxy": lambda facts, secrets, leader: layer(fail != "balancers" and db_ok(facts)
+                                                        and _everywhere(host, haproxy.NAME, full(facts))),
         "rabbitmq": lambda facts, secrets: layer(fail != "broker" and "machine:m/epmd" in host.up
-                                                 and _everywhere(host, rabbitmq.NAME, names)),
+                                                 and _everywhere(host, rabbitmq.NAME, full(facts))),
         "api_health": lambda node, timeout=3.0: {} if f"{node.name}/{airflow.API}" in host.up else None,
         "airflow": lambda facts, secrets, dags, endpoint: layer(
-            fail != "airflow" and all(_everywhere(host, s, names) for s in AIRFLOW_SERVICES)),
+            fail != "airflow" and all(_everywhere(host, s, full(facts)) for s in AIRFLOW_SERVICES)),
     }
 
 
@@ -211,10 +214,9 @@ def recorded(tmp_path, monkeypatch):
         data = yaml.safe_load(default_spec_text())
         data["nodes"] += list(extra)
         spec = parse_spec(data)
-        names = [n.name for n in spec.full_nodes]  # the layers' probes ask the full nodes
         host = RecordingHost(tmp_path / "host", tuple(n.name for n in spec.nodes))
         assert isinstance(host, Host)  # the contract, checked structurally
-        probes = _layers(host, names, fail)
+        probes = _layers(host, fail)
         for module, attr, key in [(etcd, "probe", "etcd"), (etcd, "leader_name", "etcd_leader"),
                                   (patroni, "probe", "patroni"), (haproxy, "probe", "haproxy"),
                                   (rabbitmq, "probe", "rabbitmq"), (airflow, "api_health", "api_health"),
@@ -228,6 +230,7 @@ def recorded(tmp_path, monkeypatch):
         monkeypatch.setattr(postgres, "airflow_schema_present", lambda *a: True)
         monkeypatch.setattr(postgres, "live_primary_endpoint", lambda facts: facts.nodes[0].pg_primary)
         monkeypatch.setattr(airflow_api, "login_works", lambda *a: True)
+        monkeypatch.setattr(rabbitmq, "missing_replicas", lambda *a: {})
         for name in ("ETCD_TIMEOUT_S", "DATABASE_TIMEOUT_S", "BALANCER_TIMEOUT_S", "BROKER_TIMEOUT_S", "AIRFLOW_TIMEOUT_S"):
             monkeypatch.setattr(cluster_mod, name, 1.5)
         return Cluster(spec, tmp_path / "state", host=host), host
@@ -438,14 +441,34 @@ def test_node_remove_takes_a_worker_that_left_the_spec_and_refuses_anything_else
     assert cluster.state.removed_nodes(cluster.spec) == [] and "w1" not in cluster.state.record().entries
 
 
-def test_node_remove_refuses_a_full_node_that_left_the_spec(recorded, tmp_path):
+def test_node_remove_hands_over_a_full_nodes_quorum_roles_before_it_deletes_anything(recorded, tmp_path):
     grown, host = recorded(extra=({"name": "node4", "address": "127.0.0.54"}, {"name": "node5", "address": "127.0.0.55"}))
     grown.state.claim(grown.spec, "grown.yaml")  # what `up` records first
+    grown.up(smoke=False)
     data = yaml.safe_load(default_spec_text())
     data["nodes"].append({"name": "node4", "address": "127.0.0.54"})
     data["etcd"]["members"] = ["node1", "node2", "node3"]
     host.nodes = ("node1", "node2", "node3", "node4")
     cluster = Cluster(parse_spec(data), tmp_path / "state", host=host)
-    with pytest.raises(UserError, match="node5 is a full node"):
-        cluster.remove_node("node5")
-    assert ("purge_node", "node5") not in host.calls
+    host.calls.clear()
+    assert cluster.remove_node("node5")["removed"] == "node5"
+    order = [("stop", "node5", airflow.WORKER), ("stop", "node5", airflow.API),
+             ("run", "node1", "shrink", "rabbit-node5@127.0.0.55"), ("stop", "node5", rabbitmq.NAME),
+             ("run", "node1", "forget_cluster_node", "rabbit-node5@127.0.0.55"), ("stop", "node5", patroni.NAME),
+             ("purge_node", "node5")]
+    at = [host.calls.index(c) for c in order]
+    assert at == sorted(at), host.calls
+    assert "node5" not in cluster.state.record().entries and "node5" not in host.booted
+
+
+def test_a_new_database_member_starts_after_the_running_ones_reloaded_their_pg_hba(recorded, tmp_path):
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    data = yaml.safe_load(default_spec_text())
+    data["nodes"].append({"name": "node4", "address": "127.0.0.54"})  # a full node; etcd keeps its 3 members
+    host.nodes = ("node1", "node2", "node3", "node4")
+    grown = Cluster(parse_spec(data), tmp_path / "state", host=host)
+    host.calls.clear()
+    grown.up(smoke=False)
+    reloads = [host.calls.index(("reload", n, patroni.NAME)) for n in ("node1", "node2", "node3")]
+    assert max(reloads) < host.calls.index(("start", "node4", patroni.NAME)), host.calls

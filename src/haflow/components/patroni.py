@@ -177,6 +177,9 @@ def config(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
             # Per node: several nodes on one machine would otherwise share /var/run/postgresql.
             "parameters": {"unix_socket_directories": str(layout.pg_socket_dir)},
             "pg_hba": pg_hba(facts, secrets),
+            # a new or rebuilt replica's base backup starts at once: a spread checkpoint made a
+            # new member wait ~2 min on the lab for a database of a few MiB
+            "basebackup": [{"checkpoint": "fast"}],
             "callbacks": {"on_role_change": callback_command(facts, node, layout)},
         },
         "watchdog": {"mode": "off"},

@@ -28,6 +28,7 @@ NAME = "rabbitmq"
 EPMD = "epmd"
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+QUEUES_CTL = Path("/usr/lib/rabbitmq/bin/rabbitmq-queues")
 VHOST = "airflow"
 
 
@@ -278,3 +279,42 @@ def probe(facts: ClusterFacts, secrets: Secrets) -> BrokerStatus:
     return BrokerStatus(healthy=not problems, problems=tuple(problems), members=tuple(members), quorum_queues=tuple(q_out),
                         classic_queues=tuple(sorted(q.get("name") for q in queues or [] if q.get("type") == "classic")),
                         endpoints=_endpoints(facts))
+
+
+# --- membership -------------------------------------------------------------------------------
+
+
+def missing_replicas(facts: ClusterFacts, secrets: Secrets) -> dict[str, list[str]]:
+    """Per broker node, the quorum queues it holds no replica of (a node that joined after they
+    were declared); empty when every node holds every queue or no node answers."""
+    for node in facts.broker_nodes:
+        queues = _api(node, secrets, f"/api/queues/{VHOST}")
+        if queues is None:
+            continue
+        missing: dict[str, list[str]] = {}
+        for q in queues:
+            if q.get("type") != "quorum":
+                continue
+            members = set(q.get("members") or [])
+            for b in facts.broker_nodes:
+                if facts.rabbit_node_name(b.name) not in members:
+                    missing.setdefault(b.name, []).append(q.get("name"))
+        return missing
+    return {}
+
+
+def shrink(facts: ClusterFacts, node: str) -> list[str]:
+    """The command (run on another node) that drops `node`'s replica of every quorum queue."""
+    return [str(QUEUES_CTL), "shrink", facts.rabbit_node_name(node)]
+
+
+def forget(facts: ClusterFacts, node: str) -> list[str]:
+    """The command (run on another node) that removes the stopped `node` from the cluster."""
+    return [str(CTL), "forget_cluster_node", facts.rabbit_node_name(node)]
+
+
+def grow(facts: ClusterFacts, node: str) -> list[str]:
+    """The command (run on `node`) that adds a replica there to every quorum queue of the vhost
+    lacking one."""
+    return [str(QUEUES_CTL), "grow", facts.rabbit_node_name(node), "all",
+            "--vhost-pattern", f"^{VHOST}$", "--queue-pattern", ".*"]
