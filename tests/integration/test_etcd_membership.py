@@ -1,6 +1,7 @@
 """Growing etcd under a running cluster, against real etcd processes: three founders, then two
 members added one after the other through the member API (learner, then promoted), each booting
 with the member list etcd answered, as `haflow deploy` does it. The founders' files never change.
+Then one member removed, as `haflow node remove` does it.
 """
 
 from __future__ import annotations
@@ -108,5 +109,13 @@ def test_two_members_join_a_running_etcd_one_after_the_other(tmp_path):
                 for n in founder_files} == founder_files
         node5 = etcd.config(facts, facts.node("node5"), layout(tmp_path / "nodes", "node5"))
         assert node5["initial-cluster-state"] == "existing" and node5["initial-cluster"].count("=") == 5
+
+        # and back (what `node remove` does for a full node's member): stopped, then removed
+        stopped = members.procs.pop("node5")
+        stopped.terminate()
+        stopped.wait(timeout=20)
+        assert etcd.remove_member(facts, facts.node("node5"))
+        assert not etcd.remove_member(facts, facts.node("node5"))  # a re-run finds it gone
+        assert voting_members(facts) == {f"node{i}": False for i in range(1, 5)}
     finally:
         members.stop()
