@@ -578,7 +578,7 @@ class Cluster:
         replica there and RabbitMQ forgets the node, its PostgreSQL (a replica by then) stops,
         and etcd removes its member."""
         # a synchronous standby is named a little after a switchover: wait for a healthy layer
-        db = self._wait("database (with the node still in it)", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(former))
+        db = self._wait("database", ROLLING_GATE_TIMEOUT_S, lambda: self._database_while_retiring(name, former))
         if db.leader == name:
             leader, candidate = patroni.switchover_plan(former, None)
             self.say(f"{name} holds the primary: switching it over to {candidate}")
@@ -590,10 +590,12 @@ class Cluster:
         self._parallel(lambda service: self.host.stop(name, service),
                        [airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API])
         peer = self.facts.broker_nodes[0].name  # a RabbitMQ node that stays runs the CLI
-        self.say(f"moving quorum queue replicas off {name}, then RabbitMQ forgets it")
-        self._rabbit_cli(rabbitmq.shrink(former, name), peer, "rabbitmq-queues shrink")
+        if former.rabbit_node_name(name) in rabbitmq.cluster_nodes(self.facts, self.secrets):  # not forgotten yet
+            self.say(f"moving quorum queue replicas off {name}, then RabbitMQ forgets it")
+            self._rabbit_cli(rabbitmq.shrink(former, name), peer, "rabbitmq-queues shrink")
+            self.host.stop(name, rabbitmq.NAME)
+            self._rabbit_cli(rabbitmq.forget(former, name), peer, "rabbitmqctl forget_cluster_node")
         self.host.stop(name, rabbitmq.NAME)
-        self._rabbit_cli(rabbitmq.forget(former, name), peer, "rabbitmqctl forget_cluster_node", ok="not a member")
         self.host.stop(name, patroni.NAME)
         self._wait("database without it", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(self.facts))
         if name in [n.name for n in former.etcd_members]:
@@ -602,13 +604,20 @@ class Cluster:
             etcd.remove_member(self.facts, former.node(name))
             self._wait("etcd quorum without it", ETCD_TIMEOUT_S, lambda: etcd.probe(self.facts))
 
-    def _rabbit_cli(self, argv: list[str], peer: str, what: str, ok: str | None = None) -> None:
+    def _database_while_retiring(self, name: str, former: ClusterFacts) -> patroni.DatabaseStatus:
+        """The database with the node in it; once an earlier run stopped its Patroni, without."""
+        db = patroni.probe(former)
+        if not db.healthy and self.host.instance(name, patroni.NAME) is None:
+            return patroni.probe(self.facts)
+        return db
+
+    def _rabbit_cli(self, argv: list[str], peer: str, what: str) -> None:
         """A RabbitMQ CLI command aimed at `peer`'s node, run there as RabbitMQ's user (the CLI
         reads the Erlang cookie in its home)."""
         layout = self.host.layout(peer)
         rc, out = self.host.run(peer, argv, rabbitmq.env(self.facts, self.facts.node(peer), layout), timeout=120,
                                 user=layout.user(rabbitmq.NAME))
-        if rc != 0 and not (ok and ok in out):
+        if rc != 0:
             raise ClusterUnhealthy(f"{peer}: {what} failed: {out.strip()[-300:]}; data is kept, re-run")
 
     # --- planned operations -------------------------------------------------------------------

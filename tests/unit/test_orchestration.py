@@ -441,7 +441,10 @@ def test_node_remove_takes_a_worker_that_left_the_spec_and_refuses_anything_else
     assert cluster.state.removed_nodes(cluster.spec) == [] and "w1" not in cluster.state.record().entries
 
 
-def test_node_remove_hands_over_a_full_nodes_quorum_roles_before_it_deletes_anything(recorded, tmp_path):
+def test_node_remove_hands_over_a_full_nodes_quorum_roles_before_it_deletes_anything(recorded, tmp_path, monkeypatch):
+    forgotten: set[str] = set()
+    monkeypatch.setattr(rabbitmq, "cluster_nodes", lambda facts, secrets: {
+        facts.rabbit_node_name(n) for n in ("node1", "node2", "node3", "node4")} | ({"rabbit-node5@127.0.0.55"} - forgotten))
     grown, host = recorded(extra=({"name": "node4", "address": "127.0.0.54"}, {"name": "node5", "address": "127.0.0.55"}))
     grown.state.claim(grown.spec, "grown.yaml")  # what `up` records first
     grown.up(smoke=False)
@@ -451,7 +454,21 @@ def test_node_remove_hands_over_a_full_nodes_quorum_roles_before_it_deletes_anyt
     host.nodes = ("node1", "node2", "node3", "node4")
     cluster = Cluster(parse_spec(data), tmp_path / "state", host=host)
     host.calls.clear()
-    assert cluster.remove_node("node5")["removed"] == "node5"
+    purge = host.purge_node
+
+    def fails_once(node: str) -> None:  # the server went away right after the handover
+        host.purge_node = purge
+        forgotten.add("rabbit-node5@127.0.0.55")
+        raise ClusterUnhealthy("node5: cannot reach it")
+
+    host.purge_node = fails_once
+    with pytest.raises(ClusterUnhealthy):
+        cluster.remove_node("node5")
+    first = list(host.calls)
+    host.calls.clear()
+    assert cluster.remove_node("node5")["removed"] == "node5"  # the re-run picks up where it stopped
+    assert ("run", "node1", "forget_cluster_node", "rabbit-node5@127.0.0.55") not in host.calls  # forgotten already
+    host.calls[:0] = first
     order = [("stop", "node5", airflow.WORKER), ("stop", "node5", airflow.API),
              ("run", "node1", "shrink", "rabbit-node5@127.0.0.55"), ("stop", "node5", rabbitmq.NAME),
              ("run", "node1", "forget_cluster_node", "rabbit-node5@127.0.0.55"), ("stop", "node5", patroni.NAME),

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Package, Service
+from haflow.errors import ClusterUnhealthy
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -301,6 +302,16 @@ def missing_replicas(facts: ClusterFacts, secrets: Secrets) -> dict[str, list[st
                     missing.setdefault(b.name, []).append(q.get("name"))
         return missing
     return {}
+
+
+def cluster_nodes(facts: ClusterFacts, secrets: Secrets) -> set[str]:
+    """The Erlang names of every node the cluster knows (running or not), asked of the first
+    node that answers; a node `forget_cluster_node` removed is not among them."""
+    for node in facts.broker_nodes:
+        nodes = _api(node, secrets, "/api/nodes")
+        if nodes is not None:
+            return {str(n.get("name")) for n in nodes}
+    raise ClusterUnhealthy("no RabbitMQ node answers its management API; run `haflow status`, then re-run")
 
 
 def shrink(facts: ClusterFacts, node: str) -> list[str]:
