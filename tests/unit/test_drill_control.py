@@ -12,7 +12,8 @@ import yaml
 from haflow.drills import control
 from haflow.drills.isolated_writer import _pgpass_line, parse
 from haflow.drills.monitor import Timeline
-from haflow.drills.runner import BrokerWatch, _broker_partition_verdict, _partition_verdict
+from haflow.drills.runner import _broker_partition_verdict, _partition_verdict
+from haflow.drills.scenarios import BrokerWatch
 from haflow.drills.scenarios import runnable
 from haflow.lab import control_commands
 from haflow.spec import default_spec_text, load_spec

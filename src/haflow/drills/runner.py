@@ -16,7 +16,6 @@ them), as long as every run succeeds.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,53 +25,17 @@ import psycopg
 
 from haflow import status
 from haflow.cluster import Cluster
-from haflow.components import airflow, airflow_api, patroni, postgres, rabbitmq
+from haflow.components import airflow, airflow_api, patroni, postgres
 from haflow.drills import canary, control
 from haflow.drills.isolated_writer import IsolatedLog, IsolatedWriter
 from haflow.drills.monitor import Monitor, Timeline
-from haflow.drills.scenarios import SCENARIOS, Fault, Scenario, took_effect
+from haflow.drills.scenarios import SCENARIOS, BrokerWatch, Fault, Scenario, took_effect
 from haflow.drills.writer import Writer, lost_writes
 from haflow.errors import ClusterUnhealthy, UserError
 
 Say = Callable[[str], None]
 PARTITION_NEW_PRIMARY_TIMEOUT_S = 120  # node-partition: the cut is healed after this even without a new primary
 BROKER_MOVE_TIMEOUT_S = 150  # broker-partition: the cut is healed after this even if the queue leader did not move
-
-
-class BrokerWatch(threading.Thread):
-    """broker-partition, from the cut on: when the other side first saw the cut-off RabbitMQ
-    as down, when it paused (pause_minority: it closes its AMQP listener), and when a node on
-    the other side first named another queue leader. Times are wall-clock, None until seen."""
-
-    def __init__(self, cluster: Cluster, victim: str) -> None:
-        super().__init__(daemon=True, name="haflow-broker-watch")
-        self.cluster, self.victim = cluster, victim
-        self.cut_seen: float | None = None
-        self.paused: float | None = None
-        self.leader_moved: tuple[float, str] | None = None
-        self.halt = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return None not in (self.cut_seen, self.paused, self.leader_moved)
-
-    def run(self) -> None:
-        facts, secrets = self.cluster.facts, self.cluster.secrets
-        victim = facts.node(self.victim)
-        others = [n for n in facts.broker_nodes if n.name != self.victim]
-        while not self.halt.is_set() and not self.done:
-            if self.paused is None and not rabbitmq.accepts_amqp(victim):
-                self.paused = time.time()
-            for other in others:
-                view = rabbitmq.seen_by(facts, secrets, other, airflow.QUEUE)
-                if view is None:
-                    continue
-                running, leader = view
-                if self.cut_seen is None and running.get(self.victim) is False:
-                    self.cut_seen = time.time()
-                if self.leader_moved is None and leader not in (None, self.victim):
-                    self.leader_moved = (time.time(), leader)
-            self.halt.wait(0.5)
 
 
 @dataclass
@@ -183,7 +146,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     effect: tuple[bool, str] = (False, "no fault was struck")
     t0 = back_at = healthy_at = cut_at = None
     on_victim: IsolatedWriter | None = None
-    broker_watch: BrokerWatch | None = None
+    broker_watch: BrokerWatch | None = None  # broker-partition: what the other side saw, from the cut on
     seen: dict[str, Any] = {}  # what bringing the victim back observed (node-partition: the majority's primary)
     isolated_log: IsolatedLog | None = None
     try:
@@ -196,10 +159,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         t0 = time.time()
         fault = scenario.strike(cluster, victim)
         cut_at = time.time()  # a write begun after this cannot reach a server on the other side
-        if fault.broker_isolated:
-            broker_watch = BrokerWatch(cluster, victim)
-            broker_watch.start()
-            seen["broker_watch"] = broker_watch
+        broker_watch = fault.broker_watch
         timeline.add(f"fault: {fault.what}", t0)
         if fault.isolated or fault.powered_off or fault.broker_isolated:
             what = "power-off" if fault.powered_off else "cut"
@@ -334,7 +294,8 @@ def _heal_after_broker_moves(cluster: Cluster, fault: Fault, opts: DrillOptions,
                              name: str, seen: dict[str, Any]) -> float:
     """Hold the broker cut until the cut-off node paused and the queue has a leader on the other
     side (or the wait runs out), then `hold_s` longer, then heal."""
-    watch: BrokerWatch = seen["broker_watch"]
+    watch = fault.broker_watch
+    assert watch is not None  # a broker fault carries its watch
     say(f"[{name}] {fault.node}'s RabbitMQ is cut off; waiting for it to pause and the queue leader to move")
     deadline = time.monotonic() + BROKER_MOVE_TIMEOUT_S
     while time.monotonic() < deadline and not (watch.paused and watch.leader_moved):

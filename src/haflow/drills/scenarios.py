@@ -12,6 +12,7 @@ nothing proves nothing and fails.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,42 @@ from haflow.hosts.base import Instance
 from haflow.spec import Spec
 
 
+class BrokerWatch(threading.Thread):
+    """broker-partition, from the cut on: when the other side first saw the cut-off RabbitMQ
+    as down, when it paused (pause_minority: it closes its AMQP listener), and when a node on
+    the other side first named another queue leader. Times are wall-clock, None until seen."""
+
+    def __init__(self, cluster: Cluster, victim: str) -> None:
+        super().__init__(daemon=True, name="haflow-broker-watch")
+        self.cluster, self.victim = cluster, victim
+        self.cut_seen: float | None = None
+        self.paused: float | None = None
+        self.leader_moved: tuple[float, str] | None = None
+        self.halt = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return None not in (self.cut_seen, self.paused, self.leader_moved)
+
+    def run(self) -> None:
+        facts, secrets = self.cluster.facts, self.cluster.secrets
+        victim = facts.node(self.victim)
+        others = [n for n in facts.broker_nodes if n.name != self.victim]
+        while not self.halt.is_set() and not self.done:
+            if self.paused is None and not rabbitmq.accepts_amqp(victim):
+                self.paused = time.time()
+            for other in others:
+                view = rabbitmq.seen_by(facts, secrets, other, airflow.QUEUE)
+                if view is None:
+                    continue
+                running, leader = view
+                if self.cut_seen is None and running.get(self.victim) is False:
+                    self.cut_seen = time.time()
+                if self.leader_moved is None and leader not in (None, self.victim):
+                    self.leader_moved = (time.time(), leader)
+            self.halt.wait(0.5)
+
+
 @dataclass(frozen=True)
 class Fault:
     node: str
@@ -37,6 +74,7 @@ class Fault:
     powered_off: bool = False  # the server itself is off (power control), not only its services
     isolated: bool = False  # the server is cut off the network (held, then healed)
     broker_isolated: bool = False  # only its RabbitMQ is cut off from the other RabbitMQ nodes
+    broker_watch: BrokerWatch | None = None  # broker_isolated: what the other side saw, from the cut on
 
 
 @dataclass(frozen=True)
@@ -118,22 +156,10 @@ def _partition(cluster: Cluster, node: str) -> Fault:
 
 def _partition_broker(cluster: Cluster, node: str) -> Fault:
     control.run(cluster.spec, node, "isolate_broker")  # run_drill checked the spec has it
+    watch = BrokerWatch(cluster, node)
+    watch.start()
     return Fault(node, f"{node}'s RabbitMQ cut off from the other RabbitMQ nodes (epmd and distribution ports: "
-                       f"{control.broker_ports(cluster.spec)})", broker_isolated=True)
-
-
-def broker_cut_seen(cluster: Cluster, node: str, timeout_s: float) -> float | None:
-    """When a RabbitMQ node on the other side first sees `node` as down (its net_ticktime
-    decides how soon), None if none does within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    others = [n for n in cluster.facts.broker_nodes if n.name != node]
-    while time.monotonic() < deadline:
-        for other in others:
-            view = rabbitmq.seen_by(cluster.facts, cluster.secrets, other, airflow.QUEUE)
-            if view is not None and view[0].get(node) is False:
-                return time.time()
-        time.sleep(0.5)
-    return None
+                       f"{control.broker_ports(cluster.spec)})", broker_isolated=True, broker_watch=watch)
 
 
 def _switchover(cluster: Cluster, node: str) -> Fault:
@@ -151,7 +177,10 @@ def took_effect(cluster: Cluster, fault: Fault) -> tuple[bool, str]:
     if fault.broker_isolated:
         # a cut RabbitMQ link shows only once the other nodes' net_ticktime runs out
         wait_s = 4 * cluster.spec.broker.net_ticktime_s + 30
-        if broker_cut_seen(cluster, fault.node, wait_s) is None:
+        deadline = time.monotonic() + wait_s
+        while fault.broker_watch is not None and fault.broker_watch.cut_seen is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if fault.broker_watch is None or fault.broker_watch.cut_seen is None:
             return False, f"no other RabbitMQ node saw {fault.node}'s RabbitMQ as down within {wait_s} s of the cut"
         return True, ""
     if fault.powered_off or fault.isolated:
