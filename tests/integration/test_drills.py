@@ -99,7 +99,8 @@ def test_a_drill_whose_fault_did_nothing_fails(env, monkeypatch):
 
     monkeypatch.setitem(scenarios.SCENARIOS, "pretend", Scenario("pretend", "a fault that does nothing",
                                                                  lambda c: "node2", pretend))
-    result = run_drill(cluster, "pretend", DrillOptions(warmup_s=2, cooldown_s=1))
+    # nothing comes back from a kill that did not happen: wait 15 s for it, not the default 300
+    result = run_drill(cluster, "pretend", DrillOptions(warmup_s=2, cooldown_s=1, recover_timeout_s=15))
     assert result["fault_took_effect"] is False and not result["ok"]
     assert any("the fault did not take effect" in v and "still runs as the instance" in v for v in result["violations"])
 
