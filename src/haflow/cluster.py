@@ -208,7 +208,7 @@ class Cluster:
             changed += self._add_etcd_member(name)
         self.say("starting etcd")
         quorum = functools.partial(etcd.probe, self.facts)
-        changed += self._ensure_service(etcd.NAME, [n.name for n in self.facts.etcd_members], file_changes,
+        changed += self._ensure_service(etcd.NAME, members, file_changes,
                                         gate=("etcd quorum", quorum), last=etcd.leader_name(self.facts, timeout=1.0))
         if any(self.facts.etcd_join(m).state == "existing" for m in members):  # a run may have stopped before it
             for name in etcd.promote_learners(self.facts):
@@ -418,10 +418,7 @@ class Cluster:
                 stale.append(node)
         for node in sorted(stale, key=lambda n: n == last):
             if reload and service not in self._stale.get(node, ()):
-                self.host.reload(node, service)
-                done.append(f"{node}: reloaded {service}")
-                self._act(node, "reloaded", service)
-                self.applied.took(node, service)
+                done.append(self._reload(node, service))
                 continue
             self.say(f"{node}: restarting {service} (its configuration changed)")
             self.host.restart(node, service)
@@ -439,11 +436,14 @@ class Cluster:
         for node in nodes:
             if (self.host.instance(node, service) is not None and service not in self._stale.get(node, ())
                     and self.applied.stale(node, service, file_changes.get(node, []))):
-                self.host.reload(node, service)
-                done.append(f"{node}: reloaded {service}")
-                self._act(node, "reloaded", service)
-                self.applied.took(node, service)
+                done.append(self._reload(node, service))
         return done
+
+    def _reload(self, node: str, service: str) -> str:
+        self.host.reload(node, service)
+        self._act(node, "reloaded", service)
+        self.applied.took(node, service)
+        return f"{node}: reloaded {service}"
 
     def _act(self, node: str, action: str, service: str) -> None:
         record = self.actions.setdefault(node, {"started": [], "restarted": [], "reloaded": []})

@@ -150,12 +150,9 @@ class StateDir:
         """Founders (every member of a cluster not yet brought up, or of a record older than this
         bookkeeping) start with the spec's member list; a member new to a running cluster is
         marked to be added through etcd's member API (`etcd_added`), one after the other."""
-        def peer(n: Node) -> str:
-            return f"{n.name}=http://{hostport(n.address, spec.ports.etcd_peer)}"
-
         if not rec.running or not rec.etcd:
             founders = [n for n in spec.etcd_members if not rec.running or n.name in rec.nodes]
-            initial = ",".join(peer(n) for n in founders)
+            initial = _initial_cluster(founders, spec)
             rec.etcd = {n.name: {"initial_cluster": initial, "state": "new"} for n in founders}
         for n in spec.etcd_members:
             rec.etcd.setdefault(n.name, {"initial_cluster": "", "state": "existing"})
@@ -204,7 +201,7 @@ class StateDir:
         rec = self.record()
         if rec is None or not rec.etcd:
             return {}
-        planned = ",".join(f"{n.name}=http://{hostport(n.address, spec.ports.etcd_peer)}" for n in spec.etcd_members)
+        planned = _initial_cluster(spec.etcd_members, spec)
         return {m: EtcdJoin(v["initial_cluster"] or planned, v["state"]) for m, v in rec.etcd.items()}
 
     def etcd_to_add(self) -> list[str]:
@@ -250,6 +247,11 @@ class StateDir:
                 "from one `haflow up`")
         self.check_owner(spec, source)
 
+
+
+def _initial_cluster(members: list[Node], spec: Spec) -> str:
+    """etcd's initial-cluster for these members: NAME=PEER_URL, comma-separated."""
+    return ",".join(f"{n.name}=http://{hostport(n.address, spec.ports.etcd_peer)}" for n in members)
 
 
 def _kind(roles: set[str]) -> str:

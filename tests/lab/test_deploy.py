@@ -259,6 +259,22 @@ def test_lb_check_follows_a_switchover_through_the_stand_in_cloud_balancer(lab):
     assert r.returncode == 1 and not json.loads(r.stdout)["reaches_primary"], r.stdout
 
 
+def deploy_with_spare(lab, file_name: str, **node: object) -> tuple[Path, dict]:
+    """Deploy the lab's spec plus the spare host (with the given node fields, e.g. roles),
+    written next to the lab's spec (the same state directory); the deploy's JSON, healthy."""
+    spare = lab["spare"]
+    data = yaml.safe_load(lab["spec_path"].read_text())
+    data["nodes"].append({"name": spare["name"], "address": spare["address"], **node,
+                          "ssh": dict(data["nodes"][0]["ssh"])})
+    grown = lab["spec_path"].parent / file_name
+    grown.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = haflow("deploy", "-f", str(grown), "--json")
+    assert r.returncode == 0, (r.stderr[-4000:], r.stdout[-2000:])
+    result = json.loads(r.stdout)
+    assert result["status"]["healthy"], result["status"]
+    return grown, result
+
+
 def fanout_reaches(spec: Path, node: str) -> None:
     """The fanout DAG succeeds and `node`'s worker ran some of its tasks (20 tasks over 4
     workers: asked again if not, at most twice)."""
@@ -278,15 +294,7 @@ def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
     worker runs tasks; deleted from the spec, `node remove` drains it, deletes its files, and the
     cluster stays healthy and runs DAGs."""
     spare = lab["spare"]
-    data = yaml.safe_load(lab["spec_path"].read_text())
-    data["nodes"].append({"name": spare["name"], "address": spare["address"], "roles": ["worker"],
-                          "ssh": dict(data["nodes"][0]["ssh"])})
-    grown = lab["spec_path"].parent / "cluster-grown.yaml"  # same folder: the same state directory
-    grown.write_text(yaml.safe_dump(data, sort_keys=False))
-    r = haflow("deploy", "-f", str(grown), "--json")
-    assert r.returncode == 0, (r.stderr[-4000:], r.stdout[-2000:])
-    result = json.loads(r.stdout)
-    assert result["status"]["healthy"], result["status"]
+    grown, result = deploy_with_spare(lab, "cluster-grown.yaml", roles=["worker"])
     assert set(result["deploy"]["hosts"][spare["name"]]["started"]) == {"haproxy", "airflow-worker"}, result["deploy"]
     for name in lab["names"]:  # the full nodes: PostgreSQL admits the new address (a reload), nothing restarts
         assert result["deploy"]["hosts"][name]["restarted"] == [], result["deploy"]["hosts"]
@@ -325,14 +333,7 @@ def test_a_full_node_joins_by_deploy_and_leaves_by_node_remove(lab):
     (an odd count, as the spec says). The new node runs tasks. Deleted from the spec, `node
     remove` hands its roles back and the cluster is healthy on three nodes again."""
     spare, names = lab["spare"], lab["names"]
-    data = yaml.safe_load(lab["spec_path"].read_text())
-    data["nodes"].append({"name": spare["name"], "address": spare["address"], "ssh": dict(data["nodes"][0]["ssh"])})
-    full = lab["spec_path"].parent / "cluster-full.yaml"  # same folder: the same state directory
-    full.write_text(yaml.safe_dump(data, sort_keys=False))
-    r = haflow("deploy", "-f", str(full), "--json")
-    assert r.returncode == 0, (r.stderr[-4000:], r.stdout[-2000:])
-    result = json.loads(r.stdout)
-    assert result["status"]["healthy"], result["status"]
+    full, result = deploy_with_spare(lab, "cluster-full.yaml")
     started = set(result["deploy"]["hosts"][spare["name"]]["started"])
     assert {"patroni", "rabbitmq", "airflow-scheduler", "airflow-worker"} <= started and "etcd" not in started, started
     layers = json.loads(haflow("status", "--json", "-f", str(full)).stdout)["layers"]

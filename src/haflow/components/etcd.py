@@ -287,6 +287,7 @@ def _members(facts: ClusterFacts) -> list[dict[str, Any]] | None:
 
 
 def _first_answer(facts: ClusterFacts, path: str, body: dict[str, Any]) -> httpx.Response | None:
+    """The answer of the first member that answers (as haflow), None if none does."""
     for m in facts.etcd_members:
         r = _request(m.etcd_client_url, path, body, 5.0)
         if r is not None:
@@ -400,17 +401,12 @@ def _grant(facts: ClusterFacts, user: str, password: str, role: str, keys: tuple
 def _call(facts: ClusterFacts, path: str, body: dict[str, Any], ok: str | None = None) -> dict[str, Any] | None:
     """An auth API call on the first member that answers; None if it failed with `ok` in the
     error (e.g. "already exists"); any other failure raises."""
-    last = ""
-    for m in facts.etcd_members:
-        r = _request(m.etcd_client_url, path, body, 5.0)
-        if r is None:
-            continue
-        if r.status_code == 200:
-            return r.json()
-        if ok and ok in r.text:
-            return None
-        last = r.text
-        break
+    r = _first_answer(facts, path, body)
+    if r is not None and r.status_code == 200:
+        return r.json()
+    if r is not None and ok and ok in r.text:
+        return None
+    last = r.text if r is not None else ""
     raise ClusterUnhealthy(f"etcd refused {path}: {last.strip() or 'no member answered'}; data is kept, re-run `haflow up`")
 
 

@@ -181,6 +181,15 @@ def _api(node: NodeFacts, secrets: Secrets, path: str, timeout: float = 3.0) -> 
         return None
 
 
+def _api_any(facts: ClusterFacts, secrets: Secrets, path: str) -> Any:
+    """`path` asked of the first broker node that answers; None if none does."""
+    for node in facts.broker_nodes:
+        got = _api(node, secrets, path)
+        if got is not None:
+            return got
+    return None
+
+
 def queue_leader(facts: ClusterFacts, secrets: Secrets, name: str) -> str | None:
     """The node whose RabbitMQ leads the quorum queue `name`, None if none answers."""
     return next((q.leader for q in probe(facts, secrets).quorum_queues if q.name == name), None)
@@ -288,29 +297,23 @@ def probe(facts: ClusterFacts, secrets: Secrets) -> BrokerStatus:
 def missing_replicas(facts: ClusterFacts, secrets: Secrets) -> dict[str, list[str]]:
     """Per broker node, the quorum queues it holds no replica of (a node that joined after they
     were declared); empty when every node holds every queue or no node answers."""
-    for node in facts.broker_nodes:
-        queues = _api(node, secrets, f"/api/queues/{VHOST}")
-        if queues is None:
+    missing: dict[str, list[str]] = {}
+    for q in _api_any(facts, secrets, f"/api/queues/{VHOST}") or []:
+        if q.get("type") != "quorum":
             continue
-        missing: dict[str, list[str]] = {}
-        for q in queues:
-            if q.get("type") != "quorum":
-                continue
-            members = set(q.get("members") or [])
-            for b in facts.broker_nodes:
-                if facts.rabbit_node_name(b.name) not in members:
-                    missing.setdefault(b.name, []).append(q.get("name"))
-        return missing
-    return {}
+        members = set(q.get("members") or [])
+        for b in facts.broker_nodes:
+            if facts.rabbit_node_name(b.name) not in members:
+                missing.setdefault(b.name, []).append(q.get("name"))
+    return missing
 
 
 def cluster_nodes(facts: ClusterFacts, secrets: Secrets) -> set[str]:
     """The Erlang names of every node the cluster knows (running or not), asked of the first
     node that answers; a node `forget_cluster_node` removed is not among them."""
-    for node in facts.broker_nodes:
-        nodes = _api(node, secrets, "/api/nodes")
-        if nodes is not None:
-            return {str(n.get("name")) for n in nodes}
+    nodes = _api_any(facts, secrets, "/api/nodes")
+    if nodes is not None:
+        return {str(n.get("name")) for n in nodes}
     raise ClusterUnhealthy("no RabbitMQ node answers its management API; run `haflow status`, then re-run")
 
 
