@@ -494,22 +494,32 @@ def node_group() -> None:
 @spec_options
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Confirm: the node's configuration, data and logs on its server are deleted.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable result: removed, changed, elapsed_s.")
+@click.option("--server-gone", is_flag=True,
+              help="Its server is dead for good: the other nodes drop it from every membership and nothing on "
+                   "the server is touched (refused while it answers).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result: removed, server_touched, changed, elapsed_s.")
 @handle_errors
-def node_remove(spec_file: Path | None, state_dir: Path | None, name: str, yes: bool, as_json: bool) -> None:
+def node_remove(spec_file: Path | None, state_dir: Path | None, name: str, yes: bool, server_gone: bool,
+                as_json: bool) -> None:
     """Remove a node that was deleted from the spec: a full node hands over its roles first
     (primary, quorum queue replicas, RabbitMQ and etcd membership); then drain its worker, stop
-    it, delete its files, and re-apply the rest of the cluster."""
+    it, delete its files, and re-apply the rest of the cluster. With --server-gone only the
+    cluster's side is done."""
     cluster = make_cluster(spec_file, state_dir, Progress(not as_json))
     cluster.check_removable(name)
     if not yes:
-        raise UserError(f"node remove deletes {name}'s configuration, data and task logs on its server; add --yes to confirm")
+        what = "drops it from the cluster for good" if server_gone else \
+            "deletes its configuration, data and task logs on its server"
+        raise UserError(f"node remove {name} {what}; add --yes to confirm")
     with locked(cluster, "node remove"):
-        result = cluster.remove_node(name)
+        result = cluster.remove_node(name, server_gone=server_gone)
     if as_json:
         out.print_json(json.dumps(result))
-    else:
-        out.print(f"{name} removed from cluster [bold]{cluster.facts.name}[/] in {result['elapsed_s']}s")
+        return
+    out.print(f"{name} removed from cluster [bold]{cluster.facts.name}[/] in {result['elapsed_s']}s")
+    if server_gone:
+        out.print(f"[yellow]{name}'s server was not touched: wipe it before it boots again (its haflow units would "
+                  "start; the cluster no longer admits it)[/]")
 
 
 @cli.group("lb")

@@ -320,12 +320,16 @@ class Cluster:
         changed += self._ensure_service(airflow.API, nodes, file_changes, gate=("api-servers", self._api_servers_probe))
         self._wait("api-servers (every node's /api/v2/monitor/health answers)", AIRFLOW_TIMEOUT_S, self._api_servers_probe)
         changed += self._ensure_airflow_admin()
-        self.say("starting schedulers, dag-processor candidates, triggerers")
-        for service in (airflow.SCHEDULER, airflow.DAG_PROCESSOR, airflow.TRIGGERER):
-            changed += self._ensure_service(service, nodes, file_changes, gate=("Airflow", self.airflow_probe))
-        self.say("starting Celery workers")
-        changed += self._ensure_service(airflow.WORKER, self.facts.names_with_role("worker"), file_changes,
-                                        gate=("Airflow", self.airflow_probe))
+        # Every service starts where it is missing before any restart: the restart gate waits
+        # for every node's services, a new node's included.
+        self.say("starting schedulers, dag-processor candidates, triggerers, Celery workers")
+        stale = {}
+        for service, on in ((airflow.SCHEDULER, nodes), (airflow.DAG_PROCESSOR, nodes), (airflow.TRIGGERER, nodes),
+                            (airflow.WORKER, self.facts.names_with_role("worker"))):
+            started, stale[service] = self._start_missing(service, on, file_changes)
+            changed += started
+        for service, where in stale.items():
+            changed += self._restart_stale(service, where, reload=False, gate=("Airflow", self.airflow_probe))
         self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)",
                    AIRFLOW_TIMEOUT_S, lambda: self.airflow_probe())
 
@@ -408,7 +412,13 @@ class Cluster:
         restart it one node at a time (the `last` node, e.g. the leader, at the end), waiting
         for the layer's `gate` after each restart, so a config change never takes a layer down."""
         done = self._reload_running(service, nodes, file_changes) if reload else []
-        stale = []
+        started, stale = self._start_missing(service, nodes, file_changes)
+        return done + started + self._restart_stale(service, stale, reload, gate, last)
+
+    def _start_missing(self, service: str, nodes: list[str], file_changes: dict[str, list[Path]]) -> tuple[list[str], list[str]]:
+        """Start the service where it is not running; returns what was started and the nodes
+        where it runs on an outdated configuration."""
+        done, stale = [], []
         for node in nodes:
             if self.host.start(node, service):
                 done.append(f"{node}: started {service}")
@@ -416,6 +426,11 @@ class Cluster:
                 self.applied.took(node, service)
             elif self.applied.stale(node, service, file_changes.get(node, [])) or service in self._stale.get(node, ()):
                 stale.append(node)
+        return done, stale
+
+    def _restart_stale(self, service: str, stale: list[str], reload: bool,
+                       gate: tuple[str, Callable[[], LayerStatus]] | None, last: str | None = None) -> list[str]:
+        done = []
         for node in sorted(stale, key=lambda n: n == last):
             if reload and service not in self._stale.get(node, ()):
                 done.append(self._reload(node, service))
@@ -537,17 +552,33 @@ class Cluster:
             known = ", ".join(self.state.removed_nodes(self.spec)) or "none"
             raise UserError(f"{name} was never a node of cluster {self.spec.cluster}; nodes that left the spec: {known}")
 
-    def remove_node(self, name: str) -> dict[str, Any]:
+    def remove_node(self, name: str, server_gone: bool = False) -> dict[str, Any]:
         """Drain and stop a node that left the spec (a full node hands over its quorum roles
         first), delete its files on its server, forget it, and re-apply the rest (PostgreSQL
         stops admitting its address), between health gates. Idempotent: a re-run after a failure
-        picks up where it stopped."""
+        picks up where it stopped.
+
+        server_gone: its server is dead for good; the survivors drop it from every membership
+        and nothing on the server is touched (refused while it still answers)."""
         t0 = time.monotonic()
         self.check_removable(name)
         rec = self.state.record()
         assert rec is not None  # check_removable
+        if server_gone and self._alive(name):
+            raise UserError(f"{name}'s server answers and runs haflow's services; run `haflow node remove {name}` "
+                            "without --server-gone (it hands its roles over, stops it and deletes its files)")
         if set(rec.entries.get(name, {}).get("roles") or ROLES) != set(WORKER_ONLY):
-            self._retire_full_node(name, self._facts_with(name, rec.nodes[name], name in rec.etcd))
+            self._retire_full_node(name, touch_server=not server_gone)
+        if not server_gone:
+            self._stop_and_purge(name)
+        self.applied.forget(name)
+        self.state.forget(name)
+        self.say("re-applying the cluster without it")
+        result = self.up(smoke=False)
+        return {"removed": name, "server_touched": not server_gone, "changed": result["changed"],
+                "elapsed_s": round(time.monotonic() - t0, 1)}
+
+    def _stop_and_purge(self, name: str) -> None:
         self.say(f"draining {name}'s Celery worker (running tasks finish)")
         self.host.stop(name, airflow.WORKER)
         self.say(f"stopping {name}")
@@ -557,26 +588,31 @@ class Cluster:
             raise ClusterUnhealthy(f"{name} still runs after its stop: {', '.join(left)}; nothing was deleted, re-run")
         self.say(f"deleting {name}'s configuration, data and logs")
         self.host.purge_node(name)
-        self.applied.forget(name)
-        self.state.forget(name)
-        self.say("re-applying the cluster without it")
-        result = self.up(smoke=False)
-        return {"removed": name, "changed": result["changed"], "elapsed_s": round(time.monotonic() - t0, 1)}
 
-    def _facts_with(self, name: str, address: str, etcd_member: bool) -> ClusterFacts:
-        """The cluster's facts as they were with the node still in it (its RabbitMQ name, its
-        etcd peer URL, Patroni's view of it)."""
-        node = Node(name=name, address=address)
-        members = [n.name for n in self.spec.etcd_members] + ([name] if etcd_member else [])
-        former = self.spec.model_copy(update={"nodes": [*self.spec.nodes, node],
+    def _facts_with(self, leaving: list[str]) -> ClusterFacts:
+        """The cluster's facts with these nodes that left the spec still in it (their RabbitMQ
+        names, etcd peer URLs, Patroni's view of them), as the record remembers them."""
+        rec = self.state.record()
+        assert rec is not None  # check_removable
+        extra = [Node(name=n, address=rec.nodes[n], roles=rec.entries.get(n, {}).get("roles") or list(ROLES))
+                 for n in leaving]
+        members = [n.name for n in self.spec.etcd_members] + [n for n in leaving if n in rec.etcd]
+        former = self.spec.model_copy(update={"nodes": [*self.spec.nodes, *extra],
                                               "etcd": self.spec.etcd.model_copy(update={"members": members})})
         return ClusterFacts(former, self.state.etcd_joins(former))
 
-    def _retire_full_node(self, name: str, former: ClusterFacts) -> None:
+    def _retire_full_node(self, name: str, touch_server: bool = True) -> None:
         """Hand a full node's quorum roles to the others, each step safe to repeat: the primary
         moves off it, its Airflow services stop (the worker warm), every quorum queue drops its
         replica there and RabbitMQ forgets the node, its PostgreSQL (a replica by then) stops,
-        and etcd removes its member."""
+        and etcd removes its member. touch_server=False: its server is gone, so the survivors
+        only drop it (Patroni failed over by itself; its services are dead)."""
+        former = self._facts_with([name])
+        stop = (lambda service: self.host.stop(name, service)) if touch_server else (lambda service: None)
+        self._refuse_primary_on_another_leaving_node(name)
+        if not touch_server:  # a dead primary's leader key expires and Patroni fails over by itself
+            self._wait("database on the other nodes (a new primary if it held it)", ROLLING_GATE_TIMEOUT_S,
+                       lambda: patroni.probe(self.facts))
         # a synchronous standby is named a little after a switchover: wait for a healthy layer
         db = self._wait("database", ROLLING_GATE_TIMEOUT_S, lambda: self._database_while_retiring(name, former))
         if db.leader == name:
@@ -585,29 +621,39 @@ class Cluster:
             patroni.request_switchover(former, self.secrets, leader, candidate)
             self._wait(f"the primary on {candidate}", ROLLING_GATE_TIMEOUT_S,
                        lambda: _leader_on(patroni.probe(former), candidate))
-        self.say(f"stopping {name}'s Airflow services (the worker warm: running tasks finish)")
-        self.host.stop(name, airflow.WORKER)
-        self._parallel(lambda service: self.host.stop(name, service),
-                       [airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API])
+        if touch_server:
+            self.say(f"stopping {name}'s Airflow services (the worker warm: running tasks finish)")
+            stop(airflow.WORKER)
+            self._parallel(stop, [airflow.SCHEDULER, airflow.TRIGGERER, airflow.DAG_PROCESSOR, airflow.API])
         peer = self.facts.broker_nodes[0].name  # a RabbitMQ node that stays runs the CLI
         if former.rabbit_node_name(name) in rabbitmq.cluster_nodes(self.facts, self.secrets):  # not forgotten yet
             self.say(f"moving quorum queue replicas off {name}, then RabbitMQ forgets it")
             self._rabbit_cli(rabbitmq.shrink(former, name), peer, "rabbitmq-queues shrink")
-            self.host.stop(name, rabbitmq.NAME)
+            stop(rabbitmq.NAME)
             self._rabbit_cli(rabbitmq.forget(former, name), peer, "rabbitmqctl forget_cluster_node")
-        self.host.stop(name, rabbitmq.NAME)
-        self.host.stop(name, patroni.NAME)
+        stop(rabbitmq.NAME)
+        stop(patroni.NAME)
         self._wait("database without it", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(self.facts))
         if name in [n.name for n in former.etcd_members]:
             self.say(f"removing {name}'s etcd member")
-            self.host.stop(name, etcd.NAME)
+            stop(etcd.NAME)
             etcd.remove_member(self.facts, former.node(name))
             self._wait("etcd quorum without it", ETCD_TIMEOUT_S, lambda: etcd.probe(self.facts))
 
+    def _refuse_primary_on_another_leaving_node(self, name: str) -> None:
+        """Several nodes left the spec: they leave one at a time, the primary's last (the
+        cluster without `name` must have its primary on a node that stays)."""
+        others = [n for n in self.state.removed_nodes(self.spec) if n != name]
+        leader = patroni.probe(self._facts_with([name, *others])).leader if others else None
+        if leader in others:
+            raise UserError(f"the primary is on {leader}, which left the spec too; run `haflow node remove {leader}` "
+                            f"first (it hands the primary over), then remove {name}")
+
     def _database_while_retiring(self, name: str, former: ClusterFacts) -> patroni.DatabaseStatus:
-        """The database with the node in it; once an earlier run stopped its Patroni, without."""
+        """The database with the node in it; once it is no longer the primary and not healthy
+        there (an earlier run stopped its Patroni, or it lost its replication), without it."""
         db = patroni.probe(former)
-        if not db.healthy and self.host.instance(name, patroni.NAME) is None:
+        if not db.healthy and db.leader != name:
             return patroni.probe(self.facts)
         return db
 

@@ -39,12 +39,12 @@ def on(host: str, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab():
-    r = haflow("lab", "up", "--balancer", "--spares", "1", "--json")
+    r = haflow("lab", "up", "--balancer", "--spares", "2", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout)
     yield {**info, "spec_path": Path(info["spec"]), "names": [h["name"] for h in info["hosts"] if h["role"] == "node"],
            "balancer": next(h for h in info["hosts"] if h["role"] == "balancer"),
-           "spare": next(h for h in info["hosts"] if h["role"] == "spare")}
+           "spares": [h for h in info["hosts"] if h["role"] == "spare"]}
     haflow("down", "-f", info["spec"])
     r = haflow("lab", "down")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -259,13 +259,17 @@ def test_lb_check_follows_a_switchover_through_the_stand_in_cloud_balancer(lab):
     assert r.returncode == 1 and not json.loads(r.stdout)["reaches_primary"], r.stdout
 
 
-def deploy_with_spare(lab, file_name: str, **node: object) -> tuple[Path, dict]:
-    """Deploy the lab's spec plus the spare host (with the given node fields, e.g. roles),
-    written next to the lab's spec (the same state directory); the deploy's JSON, healthy."""
-    spare = lab["spare"]
+def deploy_with_spares(lab, file_name: str, spares: list[dict], etcd_members: bool = False,
+                       **node: object) -> tuple[Path, dict]:
+    """Deploy the lab's spec plus these spare hosts (with the given node fields, e.g. roles;
+    `etcd_members`: they join etcd too), written next to the lab's spec (the same state
+    directory); the deploy's JSON, healthy."""
     data = yaml.safe_load(lab["spec_path"].read_text())
-    data["nodes"].append({"name": spare["name"], "address": spare["address"], **node,
-                          "ssh": dict(data["nodes"][0]["ssh"])})
+    for spare in spares:
+        data["nodes"].append({"name": spare["name"], "address": spare["address"], **node,
+                              "ssh": dict(data["nodes"][0]["ssh"])})
+        if etcd_members:
+            data["etcd"]["members"].append(spare["name"])
     grown = lab["spec_path"].parent / file_name
     grown.write_text(yaml.safe_dump(data, sort_keys=False))
     r = haflow("deploy", "-f", str(grown), "--json")
@@ -293,8 +297,8 @@ def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
     """The spec gains a worker-only server: deploy adds it without restarting the others and its
     worker runs tasks; deleted from the spec, `node remove` drains it, deletes its files, and the
     cluster stays healthy and runs DAGs."""
-    spare = lab["spare"]
-    grown, result = deploy_with_spare(lab, "cluster-grown.yaml", roles=["worker"])
+    spare = lab["spares"][0]
+    grown, result = deploy_with_spares(lab, "cluster-grown.yaml", [spare], roles=["worker"])
     assert set(result["deploy"]["hosts"][spare["name"]]["started"]) == {"haproxy", "airflow-worker"}, result["deploy"]
     for name in lab["names"]:  # the full nodes: PostgreSQL admits the new address (a reload), nothing restarts
         assert result["deploy"]["hosts"][name]["restarted"] == [], result["deploy"]["hosts"]
@@ -327,37 +331,52 @@ def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
     grown.unlink()
 
 
-def test_a_full_node_joins_by_deploy_and_leaves_by_node_remove(lab):
-    """A fourth full server: deploy builds a Patroni replica there, joins its RabbitMQ node and
-    grows every quorum queue onto it, starts its Airflow services; etcd keeps its three members
-    (an odd count, as the spec says). The new node runs tasks. Deleted from the spec, `node
-    remove` hands its roles back and the cluster is healthy on three nodes again."""
-    spare, names = lab["spare"], lab["names"]
-    full, result = deploy_with_spare(lab, "cluster-full.yaml")
-    started = set(result["deploy"]["hosts"][spare["name"]]["started"])
-    assert {"patroni", "rabbitmq", "airflow-scheduler", "airflow-worker"} <= started and "etcd" not in started, started
-    layers = json.loads(haflow("status", "--json", "-f", str(full)).stdout)["layers"]
+def test_two_full_nodes_join_etcd_and_all_by_deploy_and_leave_by_node_remove(lab):
+    """Three servers become five: deploy adds each new etcd member (a learner, then promoted),
+    builds a Patroni replica on each, joins their RabbitMQ nodes and grows every quorum queue
+    onto them, starts their Airflow services (the running nodes' dag-processors restart for the
+    new etcd list, behind the gate). The new nodes run tasks. Deleted from the spec, `node
+    remove` takes them out one at a time, one of them after its server died (`--server-gone`),
+    and the cluster is healthy on three nodes again."""
+    spares, names = lab["spares"], lab["names"]
+    new = [s["name"] for s in spares]
+    five, result = deploy_with_spares(lab, "cluster-five.yaml", spares, etcd_members=True)
+    for name in new:
+        started = set(result["deploy"]["hosts"][name]["started"])
+        assert {"etcd", "patroni", "rabbitmq", "airflow-scheduler", "airflow-worker"} <= started, started
+    for name in names:  # the dag-processor elector's etcd list changed: a rolling restart
+        assert "airflow-dag-processor" in result["deploy"]["hosts"][name]["restarted"], result["deploy"]["hosts"]
+    layers = json.loads(haflow("status", "--json", "-f", str(five)).stdout)["layers"]
+    assert sorted(m["node"] for m in layers["dcs"]["members"]) == sorted([*names, *new]), layers["dcs"]
+    assert layers["dcs"]["healthy"], layers["dcs"]
     db = {m["node"]: m for m in layers["database"]["members"]}
-    assert db[spare["name"]]["state"] == "streaming", db
-    assert {m["node"] for m in layers["broker"]["members"] if m["running"]} == {*names, spare["name"]}, layers["broker"]
+    assert all(db[n]["state"] == "streaming" for n in new), db
+    assert {m["node"] for m in layers["broker"]["members"] if m["running"]} == {*names, *new}, layers["broker"]
     queues = layers["broker"]["quorum_queues"]
-    assert queues and all(q["members"] == q["online"] == 4 for q in queues), queues
-    assert [m["node"] for m in layers["dcs"]["members"]] == names, layers["dcs"]
-    assert f"{spare['name']}@lab" in layers["airflow"]["workers"], layers["airflow"]
-    fanout_reaches(full, spare["name"])
-    again = json.loads(haflow("deploy", "-f", str(full), "--json", "--no-smoke").stdout)
+    assert queues and all(q["members"] == q["online"] == 5 for q in queues), queues
+    assert {f"{n}@lab" for n in new} <= set(layers["airflow"]["workers"]), layers["airflow"]
+    fanout_reaches(five, new[0])
+    again = json.loads(haflow("deploy", "-f", str(five), "--json", "--no-smoke").stdout)
     assert again["deploy"]["changed"] == [], again["deploy"]["changed"]  # idempotent
 
-    r = haflow("node", "remove", spare["name"], "--yes", "--json", "-f", str(lab["spec_path"]))
+    # the second new server dies for good: the survivors drop it, nothing is asked of it; the
+    # first leaves the normal way (roles handed over, stopped, its files deleted)
+    r = haflow("node", "remove", new[1], "--yes", "--server-gone", "-f", str(lab["spec_path"]))
+    assert r.returncode == 2 and "answers" in r.stderr, r.stderr  # refused while it runs
+    Lab().poweroff(new[1])
+    r = haflow("node", "remove", new[1], "--yes", "--server-gone", "--json", "-f", str(lab["spec_path"]))
+    assert r.returncode == 0 and json.loads(r.stdout)["server_touched"] is False, r.stderr[-3000:]
+    r = haflow("node", "remove", new[0], "--yes", "--json", "-f", str(lab["spec_path"]))
     assert r.returncode == 0, r.stderr[-3000:]
     snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)
     assert snap["healthy"] and snap["removed_nodes"] == [], snap
+    assert sorted(m["node"] for m in snap["layers"]["dcs"]["members"]) == sorted(names), snap["layers"]["dcs"]
     queues = snap["layers"]["broker"]["quorum_queues"]
-    assert queues and all(q["members"] == q["online"] == 3 for q in queues), queues  # its replicas dropped
-    assert on(spare["name"], "ls /etc/haflow /var/lib/haflow /etc/systemd/system 2>/dev/null | grep -c lab; true").strip() == "0"
+    assert queues and all(q["members"] == q["online"] == 3 for q in queues), queues  # their replicas dropped
+    assert on(new[0], "ls /etc/haflow /var/lib/haflow /etc/systemd/system 2>/dev/null | grep -c lab; true").strip() == "0"
     r = haflow("dags", "trigger", "haflow_example", "--json", "-f", str(lab["spec_path"]))
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "success", r.stderr[-2000:]
-    full.unlink()
+    five.unlink()
 
 
 def test_down_stops_every_unit_and_purge_removes_the_cluster(lab):

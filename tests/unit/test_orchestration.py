@@ -462,7 +462,7 @@ def test_node_remove_hands_over_a_full_nodes_quorum_roles_before_it_deletes_anyt
         raise ClusterUnhealthy("node5: cannot reach it")
 
     host.purge_node = fails_once
-    with pytest.raises(ClusterUnhealthy):
+    with pytest.raises(ClusterUnhealthy, match="node5: cannot reach it"):
         cluster.remove_node("node5")
     first = list(host.calls)
     host.calls.clear()
@@ -489,3 +489,78 @@ def test_a_new_database_member_starts_after_the_running_ones_reloaded_their_pg_h
     grown.up(smoke=False)
     reloads = [host.calls.index(("reload", n, patroni.NAME)) for n in ("node1", "node2", "node3")]
     assert max(reloads) < host.calls.index(("start", "node4", patroni.NAME)), host.calls
+
+
+def test_new_nodes_start_their_airflow_services_before_a_rolling_restart_waits_for_them(recorded, tmp_path, monkeypatch):
+    """Growing etcd changes the dag-processor's elector file on the running nodes: their
+    restart gate waits for every node's triggerer and worker, so the new nodes' must run by then."""
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    data = yaml.safe_load(default_spec_text())
+    data["nodes"] += [{"name": "node4", "address": "127.0.0.54"}, {"name": "node5", "address": "127.0.0.55"}]
+    host.nodes = ("node1", "node2", "node3", "node4", "node5")
+    monkeypatch.setattr(host, "stale", lambda node: [airflow.DAG_PROCESSOR] if node in ("node1", "node2", "node3") else [])
+    monkeypatch.setattr(cluster_mod, "ROLLING_GATE_TIMEOUT_S", 1.5)
+    grown = Cluster(parse_spec(data), tmp_path / "state", host=host)
+    host.calls.clear()
+    grown.up(smoke=False)
+    first_restart = host.calls.index(("stop", "node1", airflow.DAG_PROCESSOR))
+    for node in ("node4", "node5"):
+        for service in (airflow.TRIGGERER, airflow.WORKER):
+            assert host.calls.index(("start", node, service)) < first_restart
+    assert [c[1] for c in host.calls if c[:1] == ("stop",) and c[2] == airflow.DAG_PROCESSOR] == ["node1", "node2", "node3"]
+
+
+def test_nodes_that_left_together_leave_one_at_a_time_the_primarys_last(recorded, tmp_path, monkeypatch):
+    """Two full nodes left the spec and one holds the primary: removing the other first is
+    refused before anything is touched (the cluster without it would have its primary on a
+    leaving node); the primary's node hands it to a node that stays, then the other leaves."""
+    monkeypatch.setattr(rabbitmq, "cluster_nodes", lambda facts, secrets: {
+        facts.rabbit_node_name(n) for n in facts.node_names})
+    grown, host = recorded(extra=({"name": "node4", "address": "127.0.0.54"}, {"name": "node5", "address": "127.0.0.55"}))
+    grown.up(smoke=False)
+    primary = {"on": "node5"}
+
+    def database(facts: Any) -> patroni.DatabaseStatus:
+        names = facts.names_with_role("database")
+        members = tuple(patroni.DbMember(n, "leader" if n == primary["on"] else "sync_standby" if n == "node2" else "replica",
+                                         "running" if n == primary["on"] else "streaming", 0, 1, False)
+                        for n in names if f"{n}/{patroni.NAME}" in host.up)
+        leader = primary["on"] if any(m.node == primary["on"] for m in members) else None
+        ok = leader is not None and len(members) == len(names)
+        return patroni.DatabaseStatus(ok, () if ok else ("not yet",), leader, members)
+
+    monkeypatch.setattr(patroni, "probe", database)
+    monkeypatch.setattr(patroni, "request_switchover", lambda facts, secrets, leader, to: primary.update(on=to))
+    host.nodes = ("node1", "node2", "node3")
+    cluster = Cluster(parse_spec(yaml.safe_load(default_spec_text())), tmp_path / "state", host=host)
+    host.calls.clear()
+    with pytest.raises(UserError, match="the primary is on node5, which left the spec too; run `haflow node remove node5`"):
+        cluster.remove_node("node4")
+    assert not [c for c in host.calls if c[0] in ("stop", "run", "purge_node")], host.calls
+    assert cluster.remove_node("node5")["removed"] == "node5"
+    assert primary["on"] == "node2"  # the synchronous standby, a node that stays
+    assert cluster.remove_node("node4")["removed"] == "node4"
+    assert cluster.state.removed_nodes(cluster.spec) == [] and not host.leftovers("node4") and not host.leftovers("node5")
+
+
+def test_node_remove_of_a_dead_server_drops_it_from_the_survivors_and_touches_nothing_there(recorded, tmp_path, monkeypatch):
+    monkeypatch.setattr(rabbitmq, "cluster_nodes", lambda facts, secrets: {
+        facts.rabbit_node_name(n) for n in ("node1", "node2", "node3", "node4")} | {"rabbit-node5@127.0.0.55"})
+    grown, host = recorded(extra=({"name": "node4", "address": "127.0.0.54"}, {"name": "node5", "address": "127.0.0.55"}))
+    grown.up(smoke=False)
+    data = yaml.safe_load(default_spec_text())
+    data["nodes"].append({"name": "node4", "address": "127.0.0.54"})
+    host.nodes = ("node1", "node2", "node3", "node4")
+    cluster = Cluster(parse_spec(data), tmp_path / "state", host=host)
+    host.calls.clear()
+    with pytest.raises(UserError, match="node5's server answers .* without --server-gone"):
+        cluster.remove_node("node5", server_gone=True)
+    assert host.calls == [] and "node5" in cluster.state.record().nodes
+    host.kill_node("node5")  # powered off for good
+    result = cluster.remove_node("node5", server_gone=True)
+    assert result["removed"] == "node5" and result["server_touched"] is False
+    assert not [c for c in host.calls if len(c) > 1 and c[1] == "node5"], host.calls  # nothing on its server
+    assert ("run", "node1", "shrink", "rabbit-node5@127.0.0.55") in host.calls
+    assert ("run", "node1", "forget_cluster_node", "rabbit-node5@127.0.0.55") in host.calls
+    assert "node5" not in cluster.state.record().nodes and cluster.state.removed_nodes(cluster.spec) == []
