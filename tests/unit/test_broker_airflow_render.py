@@ -142,3 +142,34 @@ def test_dag_folder_sync_is_atomic_and_idempotent(tmp_path):
     assert v2 != v1 and host.put_tree("node1", src, tree_checksum(src), link) is True
     assert (link / "a.py").read_text() == "x = 2\n"
     assert sorted(p.name for p in link.parent.iterdir()) == ["dags", f"dags.{v2}"]  # old copy removed
+
+
+def test_an_airflow_database_connection_gives_up_on_a_balancer_that_accepts_and_never_answers(tmp_path, monkeypatch):
+    """What a balancer does with a connection opened just as the primary's server died (lab,
+    power-off): it accepts and never answers. Airflow's database URL makes libpq give up."""
+    import re
+    import socket
+    import threading
+
+    import psycopg
+
+    monkeypatch.setattr(airflow, "DB_CONNECT_TIMEOUT_S", 1)
+    url = service(cluster(tmp_path), "node1", airflow.SCHEDULER).env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # the kernel accepts; nothing ever answers
+    url = re.sub(r"@[^/@]+/", f"@127.0.0.1:{silent.getsockname()[1]}/", url.replace("postgresql+psycopg", "postgresql"))
+    errors: list[Exception] = []
+
+    def connect() -> None:
+        try:
+            psycopg.connect(url)
+        except psycopg.OperationalError as e:
+            errors.append(e)
+
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(30)
+    silent.close()
+    assert not attempt.is_alive(), "the connection attempt still hangs"
+    assert errors and "timeout" in str(errors[0]).lower(), errors

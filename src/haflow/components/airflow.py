@@ -37,6 +37,7 @@ ELECTOR = "dag_processor_elect.py"
 ELECTOR_PASSWORD_ENV = "HAFLOW_ETCD_PASSWORD"
 QUEUE = "default"
 MIN_HEARTBEAT_INTERVAL_S = 1
+DB_CONNECT_TIMEOUT_S = 10  # libpq connect_timeout of every Airflow database connection
 
 
 def venv_dir(layout: NodeLayout, version: str) -> Path:
@@ -121,7 +122,12 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
     db = secrets["postgres_airflow"]
     mq = secrets["rabbitmq_airflow"]
     h = home(layout)
-    sql = f"postgresql+psycopg://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}"
+    # connect_timeout: a connection opened through the local balancer in the second or two
+    # between the primary's server dying and its health check failing hangs there without any
+    # timer (HAProxy 3.0; measured on the lab: surviving schedulers and triggerers stalled
+    # ~130 s after a power-off); libpq gives up on it and the pool opens another.
+    sql = (f"postgresql+psycopg://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}"
+           f"?connect_timeout={DB_CONNECT_TIMEOUT_S}")
     return {
         "AIRFLOW_HOME": str(h),
         "HOME": str(h),
@@ -167,7 +173,8 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": f"{CONFIG_MODULE}.CELERY_CONFIG",
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__CONFIRM_PUBLISH": "True",
         # Where the canary DAG's tasks record their executions (haflow drill).
-        "HAFLOW_CANARY_DSN": f"postgresql://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}",
+        "HAFLOW_CANARY_DSN": f"postgresql://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}"
+                             f"?connect_timeout={DB_CONNECT_TIMEOUT_S}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(layout.task_logs),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(facts.worker_log_port(node.name)),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(facts.trigger_log_port(node.name)),
