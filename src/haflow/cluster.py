@@ -564,7 +564,7 @@ class Cluster:
         self.check_removable(name)
         rec = self.state.record()
         assert rec is not None  # check_removable
-        if server_gone and self._alive(name):
+        if server_gone and self.host.running(name):  # unreachable is what --server-gone is for
             raise UserError(f"{name}'s server answers and runs haflow's services; run `haflow node remove {name}` "
                             "without --server-gone (it hands its roles over, stops it and deletes its files)")
         if set(rec.entries.get(name, {}).get("roles") or ROLES) != set(WORKER_ONLY):
