@@ -641,7 +641,7 @@ class Cluster:
             self._wait("etcd quorum without it", ETCD_TIMEOUT_S, lambda: etcd.probe(self.facts))
 
     def _refuse_primary_on_another_leaving_node(self, name: str) -> None:
-        """Several nodes left the spec: they leave one at a time, the primary's last (the
+        """Several nodes left the spec: they leave one at a time, the primary's node first (the
         cluster without `name` must have its primary on a node that stays)."""
         others = [n for n in self.state.removed_nodes(self.spec) if n != name]
         leader = patroni.probe(self._facts_with([name, *others])).leader if others else None

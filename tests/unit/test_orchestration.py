@@ -511,7 +511,7 @@ def test_new_nodes_start_their_airflow_services_before_a_rolling_restart_waits_f
     assert [c[1] for c in host.calls if c[:1] == ("stop",) and c[2] == airflow.DAG_PROCESSOR] == ["node1", "node2", "node3"]
 
 
-def test_nodes_that_left_together_leave_one_at_a_time_the_primarys_last(recorded, tmp_path, monkeypatch):
+def test_nodes_that_left_together_leave_one_at_a_time_the_primarys_first(recorded, tmp_path, monkeypatch):
     """Two full nodes left the spec and one holds the primary: removing the other first is
     refused before anything is touched (the cluster without it would have its primary on a
     leaving node); the primary's node hands it to a node that stays, then the other leaves."""

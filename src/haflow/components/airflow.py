@@ -126,8 +126,8 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
     # between the primary's server dying and its health check failing hangs there without any
     # timer (HAProxy 3.0; measured on the lab: surviving schedulers and triggerers stalled
     # ~130 s after a power-off); libpq gives up on it and the pool opens another.
-    sql = (f"postgresql+psycopg://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}"
-           f"?connect_timeout={DB_CONNECT_TIMEOUT_S}")
+    database = f"{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
+    sql = f"postgresql+psycopg://{database}"
     return {
         "AIRFLOW_HOME": str(h),
         "HOME": str(h),
@@ -173,8 +173,7 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": f"{CONFIG_MODULE}.CELERY_CONFIG",
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__CONFIRM_PUBLISH": "True",
         # Where the canary DAG's tasks record their executions (haflow drill).
-        "HAFLOW_CANARY_DSN": f"postgresql://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}"
-                             f"?connect_timeout={DB_CONNECT_TIMEOUT_S}",
+        "HAFLOW_CANARY_DSN": f"postgresql://{database}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(layout.task_logs),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(facts.worker_log_port(node.name)),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(facts.trigger_log_port(node.name)),
