@@ -298,6 +298,7 @@ class Cluster:
         self._wait(f"broker ({len(self.facts.broker_nodes)} RabbitMQ nodes running in one cluster, no alarms)",
                    BROKER_TIMEOUT_S, broker)
         changed += self._grow_quorum_queues()
+        changed += self._ensure_service(rabbitmq.GUARD, self.facts.names_with_role("broker"), file_changes)
 
     def _grow_quorum_queues(self) -> list[str]:
         """A RabbitMQ node that joined holds no replica of the existing quorum queues: add one
@@ -495,7 +496,7 @@ class Cluster:
         with ThreadPoolExecutor(max_workers=len(rest)) as pool:
             list(pool.map(lambda ns: self.host.stop(*ns), rest))
         self.say("stopping RabbitMQ")
-        self._parallel(lambda n: self.host.stop(n, rabbitmq.NAME), self.facts.names_with_role("broker"))
+        self._parallel(lambda n: [self.host.stop(n, s) for s in (rabbitmq.GUARD, rabbitmq.NAME)], self.facts.names_with_role("broker"))
         self.say("stopping HAProxy")
         self._parallel(lambda n: self.host.stop(n, haproxy.NAME), nodes)
 
@@ -629,8 +630,10 @@ class Cluster:
         if former.rabbit_node_name(name) in rabbitmq.cluster_nodes(self.facts, self.secrets):  # not forgotten yet
             self.say(f"moving quorum queue replicas off {name}, then RabbitMQ forgets it")
             self._rabbit_cli(rabbitmq.shrink(former, name), peer, "rabbitmq-queues shrink")
+            stop(rabbitmq.GUARD)
             stop(rabbitmq.NAME)
             self._rabbit_cli(rabbitmq.forget(former, name), peer, "rabbitmqctl forget_cluster_node")
+        stop(rabbitmq.GUARD)
         stop(rabbitmq.NAME)
         stop(patroni.NAME)
         self._wait("database without it", ROLLING_GATE_TIMEOUT_S, lambda: patroni.probe(self.facts))

@@ -173,3 +173,95 @@ def test_an_airflow_database_connection_gives_up_on_a_balancer_that_accepts_and_
     silent.close()
     assert not attempt.is_alive(), "the connection attempt still hangs"
     assert errors and "timeout" in str(errors[0]).lower(), errors
+
+
+# --- the partition guard (data/rabbitmq_guard.py) --------------------------------------------
+
+
+def _guard_module():
+    import importlib.util
+    from importlib import resources
+    path = resources.files("haflow").joinpath("data", rabbitmq.GUARD_SCRIPT)
+    spec = importlib.util.spec_from_file_location("rabbitmq_guard", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_partition_guard_runs_beside_each_rabbitmq_node_with_its_password_out_of_argv(tmp_path):
+    c = cluster(tmp_path)
+    guard, server = service(c, "node2", rabbitmq.GUARD), service(c, "node2", rabbitmq.NAME)
+    password = c.secrets["rabbitmq_admin"].password
+    assert guard.user == server.user and guard.after == (rabbitmq.NAME,)
+    assert password not in " ".join(guard.argv) and guard.env[rabbitmq.GUARD_PASSWORD_ENV] == password
+    assert guard.env["RABBITMQ_NODENAME"] == server.env["RABBITMQ_NODENAME"] == "rabbit-node2@127.0.0.92"
+    argv = list(guard.argv)
+    peers = [argv[i + 1] for i, a in enumerate(argv) if a == "--peer"]
+    assert peers == ["http://127.0.0.91:15672", "http://127.0.0.93:15672"]
+    assert argv[argv.index("--members") + 1] == "3" and argv[argv.index("--url") + 1] == "http://127.0.0.92:15672"
+
+
+def test_the_guard_acts_only_outside_a_majority_that_it_can_reach():
+    outside = _guard_module().outside_majority
+    me, a, b = "rabbit-2", "rabbit-1", "rabbit-3"
+    # the stuck split of the lab's node-partition drill: it runs alone, its peers run together
+    assert outside(me, {me}, [{a, b}, {a, b}], 3)
+    assert outside(me, {me}, [None, {a, b}], 3)  # one peer answering is enough
+    assert not outside(me, None, [{a, b}], 3)  # paused (its API is down): pause_minority's business
+    assert not outside(me, {me, a, b}, [{me, a, b}], 3)  # healthy
+    assert not outside(me, {me, b}, [{me, b}], 3)  # a peer is down: still a majority
+    assert not outside(me, {me}, [None, None], 3)  # cut off: the majority cannot be reached
+    assert not outside(me, {me}, [{a}, {b}], 3)  # every node alone: nobody holds a majority
+    assert not outside(me, {me}, [{me, a, b}], 3)  # a peer still counts it in: not a split
+    assert not outside(me, {me, a}, [{b, "rabbit-4"}], 4)  # 2 + 2: no majority anywhere
+
+
+def test_the_guard_restarts_its_rabbitmq_application_after_the_grace_and_never_when_healthy(tmp_path):
+    """The guard's loop against two management APIs (stand-in HTTP servers) and a recording
+    rabbitmqctl: outside the majority it runs stop_app then start_app, without the password."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    def api(running: list[str]) -> http.server.ThreadingHTTPServer:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                ok = self.path.startswith("/api/nodes") and self.headers.get("Authorization", "").startswith("Basic ")
+                body = json.dumps([{"name": n, "running": True} for n in running]).encode()
+                self.send_response(200 if ok else 401)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    ctl = tmp_path / "rabbitmqctl"
+    calls = tmp_path / "calls"
+    ctl.write_text(f'#!/bin/sh\necho "$1 ${{HAFLOW_RABBITMQ_PASSWORD:-no-password}}" >> {calls}\n')
+    ctl.chmod(0o755)
+    script = str(Path(_guard_module().__file__))
+
+    def run(mine: list[str], peer: list[str], seconds: float) -> list[str]:
+        servers = [api(mine), api(peer)]
+        urls = [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+        argv = [sys.executable, script, "--node", "rabbit-2", "--url", urls[0], "--peer", urls[1], "--members", "3",
+                "--ctl", str(ctl), "--user", "admin", "--interval", "0.1", "--grace", "0.5"]
+        proc = subprocess.Popen(argv, env={**os.environ, "HAFLOW_RABBITMQ_PASSWORD": "s3cret"}, stdout=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+        out = proc.communicate(timeout=10)[0]
+        for s in servers:
+            s.shutdown()
+        return out.splitlines()
+
+    log = run(["rabbit-1", "rabbit-2", "rabbit-3"], ["rabbit-1", "rabbit-2", "rabbit-3"], 2)
+    assert not calls.exists(), log
+    log = run(["rabbit-2"], ["rabbit-1", "rabbit-3"], 2.5)
+    assert calls.read_text().splitlines()[:2] == ["stop_app no-password", "start_app no-password"], log
+    assert any("restarting the RabbitMQ application" in line for line in log), log

@@ -245,7 +245,7 @@ def test_up_starts_each_layer_after_the_one_it_depends_on(recorded):
     cluster, host = recorded()
     cluster.up(smoke=False)
     services = [s for _, s in _starts(host)]
-    order = [etcd.NAME, patroni.NAME, haproxy.NAME, rabbitmq.EPMD, rabbitmq.NAME, airflow.API, airflow.SCHEDULER,
+    order = [etcd.NAME, patroni.NAME, haproxy.NAME, rabbitmq.EPMD, rabbitmq.NAME, rabbitmq.GUARD, airflow.API, airflow.SCHEDULER,
              airflow.DAG_PROCESSOR, airflow.TRIGGERER, airflow.WORKER]
     assert sorted(set(services), key=order.index) == order
     last = {s: max(i for i, x in enumerate(services) if x == s) for s in order}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 import socket
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from haflow.secrets import Secrets
 
 NAME = "rabbitmq"
 EPMD = "epmd"
+GUARD = "rabbitmq-guard"  # rejoins this node when a healed partition left it outside (data/rabbitmq_guard.py)
+GUARD_SCRIPT = "rabbitmq_guard.py"
+GUARD_PASSWORD_ENV = "HAFLOW_RABBITMQ_PASSWORD"
+GUARD_GRACE_S = 30
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 QUEUES_CTL = Path("/usr/lib/rabbitmq/bin/rabbitmq-queues")
@@ -138,22 +143,34 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
         File(h / "rabbitmq-env.conf", "", 0o600, user),
         File(h / ".erlang.cookie", secrets.key("erlang_cookie"), 0o400, user),
     ]
+    server = Service(
+        name=NAME,
+        argv=(str(SERVER),),
+        user=user,
+        env=env(facts, node, layout),
+        cwd=h,
+        stop_timeout_s=60,
+        restart_files=tuple(f.path for f in files if f.path.name != "definitions.json"),
+        after=(EPMD,),
+    )
+    guard_file = File(h / GUARD_SCRIPT, resources.files("haflow").joinpath("data", GUARD_SCRIPT).read_text(), 0o644, user)
     return DesiredState(
         dirs=[Directory(h, 0o700, user), Directory(h / "mnesia", 0o700, user), Directory(h / "log", 0o700, user)],
-        files=files,
-        services=[
-            Service(
-                name=NAME,
-                argv=(str(SERVER),),
-                user=user,
-                env=env(facts, node, layout),
-                cwd=h,
-                stop_timeout_s=60,
-                restart_files=tuple(f.path for f in files if f.path.name != "definitions.json"),
-                after=(EPMD,),
-            )
-        ],
+        files=[*files, guard_file],
+        services=[server, guard(facts, node, layout, secrets, guard_file.path)],
     )
+
+
+def guard(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets, script: Path) -> Service:
+    """The node's partition guard: it runs rabbitmqctl as RabbitMQ's own CLI does (same user,
+    same environment), and holds the management password in its environment, never in argv."""
+    admin = secrets["rabbitmq_admin"]
+    peers = [a for n in facts.broker_nodes if n.name != node.name for a in ("--peer", n.rabbitmq_management_url)]
+    argv = ("/usr/bin/python3", str(script), "--node", facts.rabbit_node_name(node.name), "--url", node.rabbitmq_management_url,
+            *peers, "--members", str(len(facts.broker_nodes)), "--ctl", str(CTL), "--user", admin.username,
+            "--grace", str(GUARD_GRACE_S))
+    return Service(name=GUARD, argv=argv, user=layout.user(NAME), env={**env(facts, node, layout), GUARD_PASSWORD_ENV: admin.password},
+                   cwd=home(layout), stop_timeout_s=10, restart_files=(script,), after=(NAME,))
 
 
 def render_machine(facts: ClusterFacts, layout: NodeLayout, nodes: tuple[str, ...]) -> DesiredState:
