@@ -9,6 +9,7 @@ that should not have happened. The drills' fault checks run against the same hos
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,7 @@ def recorded(tmp_path, monkeypatch):
         monkeypatch.setattr(postgres, "live_primary_endpoint", lambda facts: facts.nodes[0].pg_primary)
         monkeypatch.setattr(airflow_api, "login_works", lambda *a: True)
         monkeypatch.setattr(rabbitmq, "missing_replicas", lambda *a: {})
+        monkeypatch.setattr(patroni, "wake_up", lambda *a: True)
         for name in ("ETCD_TIMEOUT_S", "DATABASE_TIMEOUT_S", "BALANCER_TIMEOUT_S", "BROKER_TIMEOUT_S", "AIRFLOW_TIMEOUT_S"):
             monkeypatch.setattr(cluster_mod, name, 1.5)
         return Cluster(spec, tmp_path / "state", host=host), host
@@ -307,6 +309,34 @@ def test_down_stops_replicas_before_the_leader_and_proves_nothing_is_left(record
     assert patroni_stops[-1] == "node1" and sorted(patroni_stops[:-1]) == ["node2", "node3"]
     assert [s for _, s in stops].index(patroni.NAME) > max(i for i, (_, s) in enumerate(stops) if s == haproxy.NAME)
     assert not any(host.running(n) for n in cluster.facts.node_names)
+
+
+def test_down_stops_in_dependency_order_and_wakes_the_leader_while_its_standbys_stop(recorded, monkeypatch):
+    """A synchronous standby's stop waits for the primary's next HA cycle: down wakes the
+    leader up while the replicas stop. The rest keeps its order: the schedulers and workers
+    before the api-servers, those before the balancers and the database, each partition guard
+    before its RabbitMQ node, Patroni before etcd."""
+    cluster, host = recorded()
+    cluster.up(smoke=False)
+    host.calls.clear()
+    woken, plain_stop = [], host.stop
+
+    def slow_replica_stop(target, service):
+        if service == patroni.NAME and target != "node1":
+            time.sleep(1.2)  # Patroni waiting to be released
+        plain_stop(target, service)
+    monkeypatch.setattr(host, "stop", slow_replica_stop)
+    monkeypatch.setattr(patroni, "wake_up", lambda facts, secrets, node: woken.append(node) or True)
+    cluster.down()
+    stops = [(c[1], c[2]) for c in host.calls if c[0] == "stop"]
+    first = lambda service: min(i for i, (_, s) in enumerate(stops) if s == service)  # noqa: E731
+    last = lambda service: max(i for i, (_, s) in enumerate(stops) if s == service)  # noqa: E731
+    assert woken and set(woken) == {"node1"}, woken
+    for before, after in [(airflow.WORKER, airflow.API), (airflow.SCHEDULER, airflow.API), (airflow.API, haproxy.NAME),
+                          (airflow.API, rabbitmq.GUARD), (haproxy.NAME, patroni.NAME), (patroni.NAME, etcd.NAME)]:
+        assert last(before) < first(after), (before, after, stops)
+    for node in cluster.facts.node_names:
+        assert stops.index((node, rabbitmq.GUARD)) < stops.index((node, rabbitmq.NAME))
 
 
 def test_down_fails_when_something_outlives_it(recorded):

@@ -387,3 +387,18 @@ def request_switchover(facts: ClusterFacts, secrets: Secrets, leader: str, candi
         from haflow.errors import HaflowError
 
         raise HaflowError(f"Patroni refused the switchover ({r.status_code}): {r.text.strip()}")
+
+
+def wake_up(facts: ClusterFacts, secrets: Secrets, node: str) -> bool:
+    """Make `node`'s Patroni run its HA cycle now rather than after loop_wait: a PATCH of
+    /config that changes nothing (Patroni writes nothing to etcd and wakes its loop up).
+    Best effort: False when it does not answer."""
+    auth = (secrets["patroni_restapi"].username, secrets["patroni_restapi"].password)
+    url = f"{facts.node(node).patroni_api_url}/config"
+    try:
+        loop_wait = httpx.get(url, timeout=2).json().get("loop_wait")
+        if loop_wait is None:
+            return False
+        return httpx.patch(url, json={"loop_wait": loop_wait}, auth=auth, timeout=2).status_code == 200
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
