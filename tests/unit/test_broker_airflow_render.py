@@ -265,3 +265,30 @@ def test_the_guard_restarts_its_rabbitmq_application_after_the_grace_and_never_w
     log = run(["rabbit-2"], ["rabbit-1", "rabbit-3"], 2.5)
     assert calls.read_text().splitlines()[:2] == ["stop_app no-password", "start_app no-password"], log
     assert any("restarting the RabbitMQ application" in line for line in log), log
+
+
+def test_airflow_processes_skip_the_final_garbage_collection_and_keep_exit_codes_and_atexit(tmp_path):
+    """data/sitecustomize.py sits on every Airflow process's PYTHONPATH. A real interpreter
+    with it: atexit handlers run and the exit code stays; the final collection (which cost an
+    api-server 2.3 s of CPU at every stop) is skipped, seen as a cycle's finalizer not running."""
+    import subprocess
+    import sys
+    c = cluster(tmp_path)
+    for svc in (airflow.API, airflow.SCHEDULER, airflow.WORKER):
+        path = Path(service(c, "node1", svc).env["PYTHONPATH"]) / airflow.SITE_MODULE
+        assert any(f.path == path for f in c.desired("node1").files), svc
+    program = ("import atexit, sys\n"
+               "class Cycle:\n    def __del__(self): print('collected', flush=True)\n"
+               "a = Cycle(); a.me = a; del a\n"
+               "atexit.register(lambda: print('atexit ran', flush=True))\nsys.exit(3)\n")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / airflow.SITE_MODULE).write_text(next(f.content for f in c.desired("node1").files if f.path.name == airflow.SITE_MODULE))
+
+    def run(pythonpath: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", program], env={"PYTHONPATH": pythonpath, "PATH": os.environ["PATH"]},
+                              capture_output=True, text=True, timeout=60)
+    plain, fast = run(""), run(str(site))
+    assert plain.returncode == fast.returncode == 3
+    assert "collected" in plain.stdout and "atexit ran" in plain.stdout
+    assert "collected" not in fast.stdout and "atexit ran" in fast.stdout, fast

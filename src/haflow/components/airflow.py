@@ -33,6 +33,7 @@ DAG_PROCESSOR = "airflow-dag-processor"
 SERVICES = (API, SCHEDULER, DAG_PROCESSOR, TRIGGERER, WORKER)
 ROLE_OF = {API: "airflow", SCHEDULER: "airflow", DAG_PROCESSOR: "airflow", TRIGGERER: "airflow", WORKER: "worker"}
 CONFIG_MODULE = "haflow_airflow"
+SITE_MODULE = "sitecustomize.py"
 ELECTOR = "dag_processor_elect.py"
 ELECTOR_PASSWORD_ENV = "HAFLOW_ETCD_PASSWORD"
 QUEUE = "default"
@@ -223,6 +224,9 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     files = [
         File(config_module, _data(f"{CONFIG_MODULE}.py"), 0o644, user),
         File(wh / "config" / f"{CONFIG_MODULE}.py", _data(f"{CONFIG_MODULE}.py"), 0o644, worker_user),
+        # a fast exit: the interpreter's final garbage collection skipped (data/sitecustomize.py)
+        File(h / "config" / SITE_MODULE, _data(SITE_MODULE), 0o644, user),
+        File(wh / "config" / SITE_MODULE, _data(SITE_MODULE), 0o644, worker_user),
         File(elector, _data(ELECTOR), 0o644, user),
         File(h / FAB_ADMIN_SCRIPT, _data(FAB_ADMIN_SCRIPT), 0o644, user),
     ]

@@ -1,0 +1,114 @@
+"""How long `haflow down` takes on a healthy local cluster, stage by stage.
+
+Each run brings the embedded default cluster up (`up --no-smoke`), lets it settle, then times
+`haflow down` from this machine and reads the stage offsets from its progress lines. Runs are
+appended to bench/results/down.json under a label (every earlier run is kept), and the section
+"Stopping the cluster" of docs/benchmarks.md is rewritten from all of them.
+
+--src runs another checkout's haflow (its `src` on PYTHONPATH, this venv's Python, its own
+directory as the working directory and so its own state directory): the way to measure the
+code before a change beside the code after it.
+
+    .venv/bin/python bench/bench_down.py --label after [--runs 3] [--settle 30] [--src DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import write_docs_section
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench/results/down.json"
+STAGE = re.compile(r"^\s*([\d.]+)s (stopping .*)$")
+
+
+def haflow(src: Path | None, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    cwd = ROOT
+    if src:
+        env["PYTHONPATH"] = str(src / "src")
+        cwd = src
+    return subprocess.run([sys.executable, "-m", "haflow.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stages(progress: str) -> list[dict]:
+    """The stage lines of `down`'s progress ("  3.9s stopping api-servers"); a line the
+    terminal width wrapped is joined back."""
+    out: list[dict] = []
+    for line in progress.splitlines():
+        m = STAGE.match(line)
+        if m:
+            out.append({"at_s": float(m.group(1)), "stage": m.group(2).strip()})
+        elif out and line.strip() and not line.startswith("cluster "):
+            out[-1]["stage"] += " " + line.strip()
+    return out
+
+
+def one_run(src: Path | None, settle: float) -> dict:
+    r = haflow(src, "up", "--no-smoke")
+    if r.returncode != 0:
+        raise SystemExit(f"up failed: {r.stderr[-2000:]}")
+    time.sleep(settle)
+    t0 = time.monotonic()
+    r = haflow(src, "down")
+    elapsed = round(time.monotonic() - t0, 2)
+    if r.returncode != 0:
+        raise SystemExit(f"down failed: {r.stderr[-2000:]}")
+    return {"elapsed_s": elapsed, "stages": stages(r.stderr)}
+
+
+def commit(src: Path | None) -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src or ROOT, capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def render(results: dict) -> None:
+    lines = [
+        "## Stopping the cluster (`haflow down`)",
+        "",
+        "Measured by `bench/bench_down.py`: the embedded default cluster brought up (`up --no-smoke`), left "
+        "to settle, then `haflow down` timed from this machine (the command's whole run, Python's start "
+        "included). Every run is kept in `bench/results/down.json`; the stage offsets of each are there too.",
+        "",
+        "| label | commit | runs | median | min | max | every run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        t = run["elapsed_s"]
+        lines.append(f"| `{run['label']}` | {run['commit']} | {len(t)} | {statistics.median(t):.1f} s | {min(t):.1f} s | "
+                     f"{max(t):.1f} s | {', '.join(f'{x:.1f}' for x in t)} |")
+    lines.append("")
+    write_docs_section(ROOT / "docs/benchmarks.md", lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--label", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=30, help="seconds between up and down")
+    ap.add_argument("--src", type=Path, default=None, help="another checkout to run instead of this one")
+    args = ap.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
+    runs = []
+    for i in range(args.runs):
+        runs.append(one_run(args.src, args.settle))
+        print(f"run {i + 1}/{args.runs}: down took {runs[-1]['elapsed_s']} s", flush=True)
+    results["runs"].append({"label": args.label, "commit": commit(args.src), "at": time.strftime("%Y-%m-%d %H:%M"),
+                            "settle_s": args.settle, "elapsed_s": [r["elapsed_s"] for r in runs],
+                            "stages": [r["stages"] for r in runs]})
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    render(results)
+
+
+if __name__ == "__main__":
+    main()
