@@ -87,7 +87,25 @@ def render(results: dict) -> None:
         t = run["elapsed_s"]
         lines.append(f"| `{run['label']}` | {run['commit']} | {len(t)} | {statistics.median(t):.1f} s | {min(t):.1f} s | "
                      f"{max(t):.1f} s | {', '.join(f'{x:.1f}' for x in t)} |")
-    lines.append("")
+    lines += [
+        "",
+        "Where the time went before (stage offsets in the results; single stops measured by hand on "
+        "the same cluster):",
+        "",
+        "- Patroni replicas waited 10-12 s each for the primary to release them from synchronous standby "
+        "(Patroni polls every 2 s until the primary's next HA cycle, up to 2 x loop_wait). `down` now wakes "
+        "the leader up (a PATCH of /config that changes nothing) while they stop: about 2 s.",
+        "- Every Airflow process spent 1-2.5 s of CPU in the interpreter's final garbage collection after its "
+        "own shutdown had finished (api-server: 2.3-2.5 s alone, 5-7 s with three at once on 2 cores); "
+        "`data/sitecustomize.py` skips it (0.20-0.24 s).",
+        "- RabbitMQ (about 6 s) now stops beside the database chain, and the schedulers, triggerers and "
+        "dag-processors with the workers.",
+        "- Left: a triggerer sometimes needs 10 s: Airflow's triggerer sends its trigger-runner process SIGINT "
+        "and escalates only after 10 s; when the runner is waiting for an answer from the parent, which no "
+        "longer serves it, the runner sits out those 10 s (1 of 3 triggerers in one measured stop). That is "
+        "Airflow's own code (`triggerer_job_runner.py`, `kill(escalation_delay=10)`).",
+        "",
+    ]
     write_docs_section(ROOT / "docs/benchmarks.md", lines)
 
 
