@@ -102,10 +102,11 @@ def render(results: dict) -> None:
         "dag-processors with the workers.",
         "- Left: a triggerer sometimes needs 10 s. On SIGTERM Airflow's triggerer sends its trigger-runner "
         "process SIGINT and waits for it with `kill(escalation_delay=10)`, which reads the runner's sockets "
-        "until it exits; when the runner's sockets have no more to say, its exit is noticed only when that "
-        "10 s wait times out (the log: `Process exited ... signal_sent=SIGINT` exactly 10 s after `Waiting "
-        "for triggers to clean up`). It hit 2 of the 3 `after` runs. That is Airflow's own code "
-        "(`triggerer_job_runner.py` and `sdk/execution_time/supervisor.py`); without it `down` took 12.3 s.",
+        "until it exits. When the runner's sockets already closed in the triggerer's last loop, that wait "
+        "is a `select()` on no socket at all: it sleeps the whole 10 s and only then finds the runner "
+        "long gone (the log: `Process exited ... signal_sent=SIGINT` exactly 10 s after `Waiting for "
+        "triggers to clean up`; `_service_subprocess` in `sdk/execution_time/supervisor.py`). It hit 2 of "
+        "the 3 `after` runs; without it `down` took 12.3 s.",
         "",
     ]
     write_docs_section(ROOT / "docs/benchmarks.md", lines)
