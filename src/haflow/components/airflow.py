@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from haflow.components import etcd, haproxy, rabbitmq
-from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Service, Venv
+from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Service, Venv, data_text
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -222,13 +222,13 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
     worker_user = layout.user(WORKER_USER)
     wh = worker_home(layout)
     files = [
-        File(config_module, _data(f"{CONFIG_MODULE}.py"), 0o644, user),
-        File(wh / "config" / f"{CONFIG_MODULE}.py", _data(f"{CONFIG_MODULE}.py"), 0o644, worker_user),
+        File(config_module, data_text(f"{CONFIG_MODULE}.py"), 0o644, user),
+        File(wh / "config" / f"{CONFIG_MODULE}.py", data_text(f"{CONFIG_MODULE}.py"), 0o644, worker_user),
         # a fast exit: the interpreter's final garbage collection skipped (data/sitecustomize.py)
-        File(h / "config" / SITE_MODULE, _data(SITE_MODULE), 0o644, user),
-        File(wh / "config" / SITE_MODULE, _data(SITE_MODULE), 0o644, worker_user),
-        File(elector, _data(ELECTOR), 0o644, user),
-        File(h / FAB_ADMIN_SCRIPT, _data(FAB_ADMIN_SCRIPT), 0o644, user),
+        File(h / "config" / SITE_MODULE, data_text(SITE_MODULE), 0o644, user),
+        File(wh / "config" / SITE_MODULE, data_text(SITE_MODULE), 0o644, worker_user),
+        File(elector, data_text(ELECTOR), 0o644, user),
+        File(h / FAB_ADMIN_SCRIPT, data_text(FAB_ADMIN_SCRIPT), 0o644, user),
     ]
     if af.auth_manager == "simple":
         files.append(File(passwords_file(layout), passwords_json(secrets), 0o600, user))
@@ -270,10 +270,6 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
                 as_user=worker_user, cwd=wh),
         ] if ROLE_OF[s.name] in node.roles],
     )
-
-
-def _data(name: str) -> str:
-    return resources.files("haflow").joinpath("data", name).read_text()
 
 
 # --- DAG folder ---------------------------------------------------------------------------------

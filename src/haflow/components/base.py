@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def data_text(name: str) -> str:
+    """A file haflow ships in haflow/data (a script or module a component installs on a node)."""
+    return resources.files("haflow").joinpath("data", name).read_text()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 import yaml
 
 from haflow.components import etcd
-from haflow.components.base import DesiredState, Directory, File, Forks, LayerStatus, Needs, Package, Service, Venv
+from haflow.components.base import DesiredState, Directory, File, Forks, LayerStatus, Needs, Package, Service, Venv, data_text
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
 
@@ -217,7 +216,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
         ],
         files=[
             File(conf, yaml.safe_dump(config(facts, node, layout, secrets), sort_keys=False), 0o600, user),
-            File(layout.db_root / CALLBACK_SCRIPT, resources.files("haflow").joinpath("data", CALLBACK_SCRIPT).read_text(), 0o644),
+            File(layout.db_root / CALLBACK_SCRIPT, data_text(CALLBACK_SCRIPT), 0o644),
             File(callback_login(layout), json.dumps({"name": secrets["etcd_root"].username,
                                                      "password": secrets["etcd_root"].password}), 0o600, user),
         ],

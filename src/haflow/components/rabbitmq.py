@@ -14,14 +14,13 @@ import hashlib
 import json
 import shutil
 import socket
-from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Package, Service
+from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Package, Service, data_text
 from haflow.errors import ClusterUnhealthy
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
@@ -153,7 +152,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
         restart_files=tuple(f.path for f in files if f.path.name != "definitions.json"),
         after=(EPMD,),
     )
-    guard_file = File(h / GUARD_SCRIPT, resources.files("haflow").joinpath("data", GUARD_SCRIPT).read_text(), 0o644, user)
+    guard_file = File(h / GUARD_SCRIPT, data_text(GUARD_SCRIPT), 0o644, user)
     return DesiredState(
         dirs=[Directory(h, 0o700, user), Directory(h / "mnesia", 0o700, user), Directory(h / "log", 0o700, user)],
         files=[*files, guard_file],

@@ -51,12 +51,16 @@ def running_seen_by(url: str, auth: str, timeout: float = 3.0) -> set[str] | Non
         return None
 
 
+def majority(running: set[str], members: int) -> bool:
+    return 2 * len(running) > members
+
+
 def outside_majority(me: str, mine: set[str] | None, peers: list[set[str] | None], members: int) -> bool:
     """True when this node runs in a minority while a reachable peer runs in a majority
     without it: the split that pause_minority did not resolve."""
-    if mine is None or 2 * len(mine) > members:
+    if mine is None or majority(mine, members):
         return False
-    return any(p is not None and me not in p and 2 * len(p) > members for p in peers)
+    return any(p is not None and me not in p and majority(p, members) for p in peers)
 
 
 def rejoin(ctl: str) -> bool:
@@ -86,7 +90,8 @@ def main(argv: list[str]) -> int:
     log(f"watching {args.node} ({args.members} nodes, acting after {args.grace:g} s outside the majority)")
     while True:
         mine = running_seen_by(args.url, auth)
-        peers = [running_seen_by(p, auth) for p in args.peer] if mine is not None and 2 * len(mine) <= args.members else []
+        # the peers are asked only when this node is in a minority (the healthy path stays one request)
+        peers = [] if mine is None or majority(mine, args.members) else [running_seen_by(p, auth) for p in args.peer]
         if not outside_majority(args.node, mine, peers, args.members):
             if since is not None:
                 log("back in the majority")
