@@ -91,6 +91,14 @@ def test_airflow_processes_share_keys_and_use_their_nodes_balancer(tmp_path):
     assert "--skip-serve-logs" in worker.argv  # log servers bind every address: off on one machine
 
 
+def test_idle_airflow_sleeps_between_empty_scheduler_loops_and_keeps_no_bundle_cleaner(tmp_path):
+    """Measured idle costs (docs/benchmarks.md): an idle scheduler loop every second, and a
+    whole interpreter per worker that only cleans versioned DAG bundles, which haflow has none of."""
+    c = cluster(tmp_path)
+    assert service(c, "node1", airflow.SCHEDULER).env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] == "2"
+    assert service(c, "node1", airflow.WORKER).env["AIRFLOW__DAG_PROCESSOR__STALE_BUNDLE_CLEANUP_INTERVAL"] == "0"
+
+
 def test_celery_config_module_declares_quorum_queues(tmp_path):
     module = files(cluster(tmp_path), "node1")["haflow_airflow.py"]
     assert '"task_default_queue_type": "quorum"' in module and '"confirm_publish": True' in module

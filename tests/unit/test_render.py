@@ -87,6 +87,27 @@ def test_haproxy_config_passes_haproxy_check(tmp_path):
     assert f.content.count("check port 8008") == 6
 
 
+def backend_checks(config: str) -> dict[str, str]:
+    """listen section -> its default-server line (sections with servers), from a haproxy.cfg."""
+    sections = {}
+    for block in config.split("\nlisten ")[1:]:
+        lines = [l.strip() for l in block.splitlines() if l.strip().startswith("default-server")]
+        if lines:
+            sections[block.split()[0]] = lines[0]
+    return sections
+
+
+def test_haproxy_checks_what_writes_wait_on_every_interval_and_the_rest_calmly(tmp_path):
+    """The primary (writes) and RabbitMQ (tasks) are checked at the spec's interval; replicas and
+    api-servers three times less often while healthy, at the spec's interval once a check fails
+    or while down, so detection of a server coming back is unchanged."""
+    checks = backend_checks(file_of(cluster(tmp_path), "node1", "haproxy.cfg").content)
+    every = "inter 1000ms fall 2 rise 1 on-marked-down shutdown-sessions"
+    calm = "inter 3000ms fastinter 1000ms downinter 1000ms fall 2 rise 1 on-marked-down shutdown-sessions"
+    assert checks == {"postgres_primary": f"default-server {every}", "rabbitmq_amqp": f"default-server {every}",
+                      "postgres_replicas": f"default-server {calm}", "airflow_api": f"default-server {calm}"}
+
+
 def test_etcd_config_binds_only_the_node_address(tmp_path):
     c = cluster(tmp_path)
     conf = yaml.safe_load(file_of(c, "node3", "etcd.yaml").content)

@@ -38,6 +38,7 @@ ELECTOR = "dag_processor_elect.py"
 ELECTOR_PASSWORD_ENV = "HAFLOW_ETCD_PASSWORD"
 QUEUE = "default"
 MIN_HEARTBEAT_INTERVAL_S = 1
+SCHEDULER_IDLE_SLEEP_S = 2
 DB_CONNECT_TIMEOUT_S = 10  # libpq connect_timeout of every Airflow database connection
 
 
@@ -162,6 +163,13 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         # A task whose worker died keeps its "running" state until its heartbeat is this old
         # (default 300 s); then it is failed and retried.
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(af.task_heartbeat_timeout_s),
+        # A scheduler loop that found nothing to do sleeps this long: each idle loop is a round
+        # of database queries, and every node runs a scheduler (docs/benchmarks.md, idle).
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": str(SCHEDULER_IDLE_SLEEP_S),
+        # Each Celery worker otherwise keeps a whole Airflow interpreter (~85 MiB) that looks
+        # for stale versions of versioned DAG bundles; haflow's DAG folder is a local,
+        # unversioned bundle, so there is never one to remove.
+        "AIRFLOW__DAG_PROCESSOR__STALE_BUNDLE_CLEANUP_INTERVAL": "0",
         # The task supervisor notices its task process's exit only between select() waits of
         # this length: when the process's sockets close before it has exited, a finished task
         # holds its slot for the whole wait (a third of the no-op tasks took 5.1 s instead of

@@ -23,6 +23,14 @@ AMQP_PROXY = "rabbitmq_amqp"
 API_PROXY = "airflow_api"
 
 
+# Backends no write waits on (read-only replicas, the api-servers, whose failed requests HAProxy
+# replays on another server) check a healthy server this many times less often; a server that
+# fails a check, or is down, is checked at the normal interval (fastinter/downinter), so a
+# server coming back is seen as fast as before. Each check is a request to Patroni (which asks
+# PostgreSQL) or to an api-server: 3 balancers x 3 servers every second each.
+CALM_CHECK_FACTOR = 3
+
+
 def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> str:
     b = facts.spec.balancer
     stats = secrets["haproxy_stats"]
@@ -36,6 +44,7 @@ def config_text(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secret
         stats_socket=layout.haproxy_socket,
         rabbit_order=facts.rabbit_peers_in_order(node.name),
         inter=f"{b.check_interval_ms}ms",
+        calm_inter=f"{b.check_interval_ms * CALM_CHECK_FACTOR}ms",
         fall=b.fall,
         rise=b.rise,
         stats_auth=f"{stats.username}:{stats.password}",
