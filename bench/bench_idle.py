@@ -116,6 +116,19 @@ def measure(cluster, window_s: float) -> dict:
     return {"kinds": rows, "total": total, "processes_gone_during_window": len(set(start) - set(end))}
 
 
+def per_kind_table(runs: list[dict]) -> list[str]:
+    """CPU % of one core / PSS MiB of every kind in every run: where each change took effect."""
+    kinds = sorted({k for r in runs for k in r["kinds"]}, key=lambda k: -runs[-1]["kinds"].get(k, {}).get("cpu_pct_of_one_core", 0))
+
+    def cell(r: dict, k: str) -> str:
+        v = r["kinds"].get(k)
+        return f"{v['cpu_pct_of_one_core']} / {v['pss_mib']:.0f}" if v else "-"
+    return ["Per kind, every run (CPU % of one core / PSS MiB):", "",
+            "| kind | " + " | ".join(f"`{r['label']}`" for r in runs) + " |",
+            "|---|" + "---|" * len(runs),
+            *[f"| {k} | " + " | ".join(cell(r, k) for r in runs) + " |" for k in kinds], ""]
+
+
 def write_section(results: dict) -> None:
     runs = results["runs"]
     latest = runs[-1]
@@ -139,6 +152,7 @@ def write_section(results: dict) -> None:
         lines += [f"| `{r['label']}` | {r['at']} | {r['total']['cpu_pct_of_one_core']} % | {r['total']['pss_mib']} MiB |"
                   for r in runs]
         lines.append("")
+        lines += per_kind_table(runs)
     write_docs_section(ROOT / "docs/benchmarks.md", lines)
 
 

@@ -354,9 +354,9 @@ def print_drill(r: dict[str, Any]) -> None:
     verdict = "[bold green]passed[/]" if r["ok"] else "[bold red]FAILED[/]: " + escape("; ".join(r["violations"]))
     out.print(f"\n[bold]drill {r['scenario']}[/] on {r['node']}: {verdict}")
     t = Table(show_header=True, header_style="bold")
-    for col in ("write RTO", "write gap", "task gap", "healthy", "writes (lost)", "runs (failed)", "never run", "dupl."):
+    for col in ("write RTO", "write gap", "client errors", "task gap", "healthy", "writes (lost)", "runs (failed)", "never run", "dupl."):
         t.add_column(col, justify="right")
-    t.add_row(_s(r["rto_s"]), _s(r["write_gap_s"]), _s(r["task_flow_gap_s"]), _s(r["recovered_s"]),
+    t.add_row(_s(r["rto_s"]), _s(r["write_gap_s"]), str(r["client_errors"]), _s(r["task_flow_gap_s"]), _s(r["recovered_s"]),
               f"{r['acknowledged_writes']} ({r['acknowledged_writes_lost']})", f"{r['dag_runs']} ({r['dag_runs_failed']})",
               str(r["tasks_never_executed"]), str(r["duplicate_executions"]))
     out.print(t)

@@ -96,7 +96,7 @@ def test_drill_on_a_stopped_cluster_exits_1_at_once(tmp_path, monkeypatch):
 # --- the report's invariants, each shown breaking ---------------------------------------------
 
 
-def _report(effect=(True, ""), triggered=("p-00001", "p-00002"), states=None, lost=(), healthy=True):
+def _report(effect=(True, ""), triggered=("p-00001", "p-00002"), states=None, lost=(), healthy=True, errors=()):
     from haflow.drills.monitor import Timeline
     from haflow.drills.runner import _report as report
     from haflow.drills.scenarios import Fault
@@ -105,7 +105,7 @@ def _report(effect=(True, ""), triggered=("p-00001", "p-00002"), states=None, lo
     t0 = 1000.0
     states = {"p-00001": "success", "p-00002": "success"} if states is None else states
     rows = [_row(r, i) for r in states for i in range(canary.TASKS_PER_RUN)]
-    wlog = WriteLog(acknowledged=[1, 2, 3], ack_times=[999.0, 1001.0, 1002.0])
+    wlog = WriteLog(acknowledged=[1, 2, 3], ack_times=[999.0, 1001.0, 1002.0], errors=list(errors))
     tlog = canary.TriggerLog(triggered=[(t0 + i, r) for i, r in enumerate(triggered)])
     fault = Fault("node1", "SIGKILL the scheduler on node1", service="airflow-scheduler")
     return report("scheduler-crash", SCENARIOS["scheduler-crash"], fault, effect, t0, t0 + 1, t0 + 5 if healthy else None,
@@ -117,6 +117,14 @@ def test_report_keeps_every_invariant_of_a_good_drill():
     assert r["ok"] and r["violations"] == []
     assert (r["fault_took_effect"], r["canary_triggers_acknowledged"], r["canary_runs_found"]) == (True, 2, 2)
     assert (r["task_instances_retried"], r["retry_delay_s"]) == (2, 31.5)
+
+
+def test_the_report_counts_the_writes_clients_saw_fail_from_the_fault_on():
+    """What a switchover without client errors is measured by (beside `write_gap_s`, the longest
+    stall): failed writes from the fault on; one before the fault does not count."""
+    assert _report()["client_errors"] == 0
+    r = _report(errors=[(999.5, "OperationalError"), (1000.5, "OperationalError"), (1000.6, "ReadOnlySqlTransaction")])
+    assert r["client_errors"] == 2
 
 
 def test_a_fault_without_effect_breaks_the_drill():

@@ -414,6 +414,7 @@ def _report(name: str, scenario: Scenario, fault: Fault | None, effect: tuple[bo
         "node": fault.node if fault else None,
         "rto_s": 0.0 if not errors else rto,
         "write_gap_s": round(write_gap, 2),
+        "client_errors": len(errors),
         "task_flow_gap_s": round(flow_gap, 2),
         "victim_back_s": round(back_at - t0, 2) if back_at else None,
         "recovered_s": round(healthy_at - t0, 2) if healthy_at else None,
