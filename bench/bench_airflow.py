@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from common import resources, save_results
+from common import resources, save_results, write_docs_section
 from haflow.cluster import Cluster
 from haflow.components import airflow, airflow_api
 from haflow.hosts.local import MACHINE, default_venvs_dir
@@ -286,7 +286,7 @@ def main() -> None:
 
 def write_section(r: dict) -> None:
     s, m = r["summary"], r["meta"]
-    section = "\n".join([
+    write_docs_section(ROOT / "docs/benchmarks.md", [
         "## Whole cluster (Airflow layers included)",
         "",
         f"Measured by `bench/bench_airflow.py` on {m['date']}, {m['reps']} repetitions; raw data in",
@@ -348,11 +348,6 @@ def write_section(r: dict) -> None:
         "backend, synchronous replication on every commit, three HAProxies.",
         "",
     ])
-    path = ROOT / "docs/benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    marker = "## Whole cluster (Airflow layers included)"
-    text = text.split(marker)[0].rstrip() + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":
