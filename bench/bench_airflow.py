@@ -37,7 +37,7 @@ from haflow.components import airflow, airflow_api
 from haflow.hosts.local import MACHINE, default_venvs_dir
 from haflow.hosts.procs import ProcRef, wait_gone
 from haflow.secrets import Account, Secrets
-from haflow.spec import default_spec_text, parse_spec
+from haflow.spec import default_spec_text, embedded_default, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESSES = ["127.0.0.51", "127.0.0.52", "127.0.0.53"]
@@ -102,7 +102,8 @@ class SingleNode:
         self.procs: list[ProcRef] = []
         self.password = "bench-" + os.urandom(8).hex()
         self.pg_data = root / "pg"
-        self.venv = default_venvs_dir() / "airflow-3.3.2"
+        # the same Airflow as the HA cluster of the default spec
+        self.venv = airflow.venv_dir_for(default_venvs_dir(), embedded_default().airflow.version)
 
     def _popen(self, argv: list[str], env: dict[str, str] | None = None, user: str | None = None, log: str = "x") -> ProcRef:
         out = open(self.root / f"{log}.log", "ab")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from common import save_results
+from common import save_results, write_docs_section
 from haflow.cluster import Cluster
 from haflow.components import etcd, patroni
 from haflow.drills.writer import Writer, lost_writes
@@ -209,13 +209,11 @@ def write_table(r: dict) -> None:
         ("node crash, Patroni loop_wait 5 instead of 10: write RTO", s["loop_wait_5_rto_s"], ""),
     ]
     lines = [
-        "# Benchmarks",
+        "## Database layer (etcd + Patroni/PostgreSQL + HAProxy)",
         "",
         f"Measured by `bench/bench_database.py` on {m['date']} ({m['machine']}); raw data in",
         f"`bench/results/database.json`. Patroni ttl 20 / loop_wait {m['timings']['loop_wait']} / retry_timeout 5, HAProxy",
         "`inter 1s fall 2 rise 1`, synchronous mode.",
-        "",
-        "## Database layer",
         "",
         "| what | n | median | max | target |",
         "|---|---|---|---|---|",
@@ -235,10 +233,7 @@ def write_table(r: dict) -> None:
         "leadership off the primary's node, so a single machine loss never hits both at once.",
         "",
     ]
-    path = ROOT / "docs/benchmarks.md"
-    marker = "## Whole cluster (Airflow layers included)"
-    rest = (marker + path.read_text().split(marker, 1)[1]) if path.exists() and marker in path.read_text() else ""
-    path.write_text("\n".join(lines) + ("\n" + rest if rest else ""))
+    write_docs_section(ROOT / "docs/benchmarks.md", lines)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,12 @@ SCHEDULER_IDLE_SLEEP_S = 2
 DB_CONNECT_TIMEOUT_S = 10  # libpq connect_timeout of every Airflow database connection
 
 
+def venv_dir_for(venvs: Path, version: str) -> Path:
+    return venvs / f"airflow-{version}"
+
+
 def venv_dir(layout: NodeLayout, version: str) -> Path:
-    return layout.venvs / f"airflow-{version}"
+    return venv_dir_for(layout.venvs, version)
 
 
 def constraints_file(version: str) -> Path:
