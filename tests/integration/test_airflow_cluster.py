@@ -25,6 +25,7 @@ import yaml
 from haflow.cluster import Cluster
 from haflow.components import airflow, airflow_api, rabbitmq
 from haflow.spec import default_spec_text, load_spec
+from tests.conftest import keep_logs_of_failure
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,8 @@ probe()
 def haflow(env, *args, check=True, timeout=900):
     r = subprocess.run([*HAFLOW, *args, "-f", str(env["spec"])], capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
-        raise AssertionError(f"haflow {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        raise AssertionError(f"haflow {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n"
+                             + keep_logs_of_failure(env["root"] / ".haflow"))
     return r
 
 
