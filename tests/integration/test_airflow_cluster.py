@@ -337,6 +337,28 @@ def test_run_survives_killing_an_api_server(env):
     wait_healthy(env)
 
 
+def test_a_worker_whose_control_queue_vanished_declares_it_again_and_answers(env):
+    """What a broker node's death can leave behind: the worker reconnected and declared its pidbox
+    queue while the surviving nodes were still cleaning up the dead node's transient queues, and
+    the clean-up removed it. The queue's record goes, its consumer is never told (as then), and
+    the worker must notice and answer pings again."""
+    cluster: Cluster = env["cluster"]
+    facts = cluster.facts
+    worker = airflow.worker_name(facts, "node2")
+    peer = "node1"
+    layout = cluster.host.layout(peer)
+    expr = (f'rabbit_amqqueue:internal_delete(rabbit_misc:r(<<"{rabbitmq.VHOST}">>, queue, '
+            f'<<"{worker}.celery.pidbox">>), <<"haflow-test">>).')
+    rc, out = cluster.host.run(peer, [str(rabbitmq.CTL), "-n", facts.rabbit_node_name(peer), "eval", expr],
+                               rabbitmq.env(facts, facts.node(peer), layout), timeout=60,
+                               user=layout.user(rabbitmq.NAME), cwd=Path("/"))
+    assert rc == 0 and out.strip().splitlines()[-1] == "ok", out
+    deadline = time.time() + 60
+    while worker not in airflow.ping_workers(facts, cluster.secrets):
+        assert time.time() < deadline, f"{worker} never answered again after its control queue vanished"
+        time.sleep(1)
+
+
 def test_dag_processor_moves_when_its_node_dies_and_parses_new_dags(env):
     cluster: Cluster = env["cluster"]
     holder = airflow.dag_processor_holder(cluster.facts)

@@ -4,7 +4,9 @@
   instances and logs must say which node they ran on);
 - CELERY_CONFIG: quorum queues with publisher confirms, and the broker fixes of the field notes;
 - a fix for Airflow's subprocess supervisor sleeping out its whole timeout after its child exited
-  (every Airflow process reads this module for its hostname, so the fix is in place in each).
+  (every Airflow process reads this module for its hostname, so the fix is in place in each);
+- a Celery worker declares its control ("pidbox") queue again when a broker node's death took
+  it away, so it keeps answering pings.
 """
 
 import os
@@ -60,3 +62,56 @@ def _service_subprocess(self, max_wait_time, raise_on_timeout=False, expect_sign
 
 
 _supervisor.WatchedSubprocess._service_subprocess = _service_subprocess
+
+
+# A Celery worker answers pings and control commands through its own "pidbox" queue, a transient
+# classic queue on the RabbitMQ node it is connected to. When that node dies, the worker
+# reconnects through its balancer within milliseconds and declares the queue again; if the
+# surviving nodes have not yet cleaned up the dead node's transient queues, the declaration finds
+# the old queue, and the clean-up that follows deletes it under the worker. The worker then runs
+# tasks but never answers again (seen in a CI run and on this machine: RabbitMQ 3.10, "transient
+# queues from an old incarnation of node ... deleted" right after the worker's reconnect; on real
+# networks the clean-up waits for net_ticktime, so the window is tens of seconds). So the worker
+# checks every few seconds that its queue exists and declares it again when it does not.
+from amqp.exceptions import NotFound as _NotFound  # noqa: E402
+from celery.utils.log import get_logger as _get_logger  # noqa: E402
+from celery.worker import pidbox as _pidbox  # noqa: E402
+
+PIDBOX_CHECK_S = 5.0
+_pidbox_log = _get_logger("haflow.pidbox")
+_pidbox_start = _pidbox.Pidbox.start
+
+
+def _pidbox_queue_missing(box) -> bool:
+    channel = box.c.connection.channel()
+    try:
+        channel.queue_declare(queue=box.node.mailbox.get_queue(box.node.hostname).name, passive=True)
+        return False
+    except _NotFound:
+        return True  # the 404 closed the channel
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+def _check_pidbox(box) -> None:
+    if box.consumer is None or box.c.connection is None or not box.c.connection.connected:
+        return  # stopped or reconnecting: start() declares the queue again
+    try:
+        if _pidbox_queue_missing(box):
+            _pidbox_log.warning("the control queue of %s vanished from the broker; declaring it again", box.hostname)
+            box.reset()
+    except Exception as exc:  # a broker connection error: the consumer reconnects and starts again
+        _pidbox_log.debug("control queue check skipped: %r", exc)
+
+
+def _start_and_watch(self, c):
+    _pidbox_start(self, c)
+    # on every (re)start: a lost connection clears the worker's timer, this check's included
+    previous = getattr(self, "_haflow_watch", None)
+    if previous is not None:
+        previous.cancel()
+    self._haflow_watch = c.timer.call_repeatedly(PIDBOX_CHECK_S, _check_pidbox, (self,))
+
+
+_pidbox.Pidbox.start = _start_and_watch
