@@ -22,7 +22,10 @@ if sys.argv[1] == "fixed":
     import haflow_airflow  # noqa: F401  (installs the fix, as every Airflow process of a node does)
 from airflow.sdk.execution_time.supervisor import PsutilTracker, WatchedSubprocess
 
-# A child with no socket left open to its supervisor; SIGINT ends it at once.
+# A child with no socket left open to its supervisor; SIGINT ends it at once (also when this
+# test runs under a shell that started it in the background, which ignores SIGINT: the child
+# would inherit that)
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 child = subprocess.Popen(["sleep", "120"])
 stdin, _ = socket.socketpair()
 watched = WatchedSubprocess(id=uuid.uuid4(), pid=child.pid, stdin=stdin, process_log=structlog.get_logger(),
