@@ -135,7 +135,7 @@ class Poolers:
 
     def stop(self) -> None:
         for ref in self.procs:
-            ref.send(signal.SIGINT)  # PgBouncer's immediate shutdown
+            ref.send(signal.SIGINT)  # PgBouncer's safe shutdown: no client is left, so it exits at once
         left = wait_gone(self.procs, 10)
         for ref in left:
             ref.send(signal.SIGKILL)
