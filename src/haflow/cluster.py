@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -703,7 +703,14 @@ class Cluster:
         leader, candidate = patroni.switchover_plan(self.facts, to)
         self.say(f"switching the primary from {leader} to {candidate}")
         t0 = time.monotonic()
-        patroni.request_switchover(self.facts, self.secrets, leader, candidate)
+        # Patroni answers the request only at its next one-second poll after the change: the
+        # promotion is watched meanwhile, and the balancers are told at once.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            request = pool.submit(patroni.request_switchover, self.facts, self.secrets, leader, candidate)
+            promoted_s = self._await_promotion(candidate, timeout, request)
+            if promoted_s is not None:
+                self._route_balancers_to(candidate)
+            request.result()  # Patroni's refusal or failure, as before
 
         def routed() -> LayerStatus:
             lb = haproxy.probe(self.facts, self.secrets, candidate)
@@ -713,9 +720,30 @@ class Cluster:
             return dataclasses.replace(lb, healthy=False, problems=(*lb.problems, f"the primary is {leader or 'none'}"))
 
         self._wait(f"every balancer to route to {candidate}", timeout, routed)
+        routed_s = time.monotonic() - t0
         moved = etcd.move_leader_away(self.facts, candidate)
         return {"from": leader, "to": candidate, "elapsed_s": round(time.monotonic() - t0, 1),
+                "promoted_s": None if promoted_s is None else round(promoted_s, 2), "routed_s": round(routed_s, 2),
                 "etcd_leader_moved_to": moved}
+
+    def _await_promotion(self, candidate: str, timeout: float, request: Future) -> float | None:
+        """Seconds until the candidate's Patroni answers 200 on /primary (what the balancers
+        check), polled every 50 ms; None if it did not within `timeout` or the request failed
+        (the caller then reports why)."""
+        node, t0 = self.facts.node(candidate), time.monotonic()
+        while time.monotonic() - t0 < timeout and not (request.done() and request.exception()):
+            if patroni.node_role(node, "/primary", timeout=0.5):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        return None
+
+    def _route_balancers_to(self, primary: str) -> None:
+        """Every balancer routes to the new primary now, not after its next checks (best effort:
+        a balancer that does not take it follows its checks as before)."""
+        others = [n.name for n in self.facts.database_nodes if n.name != primary]
+        forced = [self.facts.node(n) for n in self.facts.node_names]
+        with ThreadPoolExecutor(max_workers=len(forced)) as pool:
+            list(pool.map(lambda n: haproxy.force_primary(n, self.secrets, primary, others), forced))
 
     # --- last resort ----------------------------------------------------------------------------
     def kill_all(self) -> int:

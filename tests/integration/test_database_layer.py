@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from haflow.cluster import Cluster
-from haflow.components import etcd, patroni
+from haflow.components import etcd, haproxy, patroni
 from haflow.drills.writer import Writer, lost_writes
 from haflow.spec import default_spec_text, load_spec
 
@@ -265,6 +265,25 @@ def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_
     assert status(env)["layers"]["database"]["leader"] == sync
     assert lost_writes(log, facts.nodes[0].pg_primary, su.username, su.password, "postgres") == []
     assert log.longest_gap() < 30  # measured, not a target: bench/ records the gap
+
+
+def test_a_balancer_told_the_primary_routes_at_once_and_its_checks_correct_a_wrong_word(env):
+    """What a switchover does once the candidate is promoted: tell every balancer through its
+    stats page. Told a replica is the primary, a balancer routes there at once (so the word
+    works), and its own health checks put the real primary back within a few checks (so a
+    wrong word cannot last)."""
+    cluster: Cluster = env["cluster"]
+    facts, secrets = cluster.facts, cluster.secrets
+    leader = wait_database_healthy(env)["leader"]
+    replica = next(n.name for n in facts.nodes if n.name != leader)
+    node = facts.nodes[0]
+    assert haproxy.force_primary(node, secrets, replica, [leader])
+    told = haproxy.up_servers(haproxy.server_states(node, secrets), haproxy.PRIMARY_PROXY)
+    assert told == [replica], told
+    deadline = time.monotonic() + 15
+    while (now := haproxy.up_servers(haproxy.server_states(node, secrets), haproxy.PRIMARY_PROXY)) != [leader]:
+        assert time.monotonic() < deadline, f"the checks did not correct the forced route: {now}"
+        time.sleep(0.2)
 
 
 def test_lb_check_verifies_a_real_balancer_and_measures_how_it_follows_a_switchover(env):

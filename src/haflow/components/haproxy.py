@@ -100,6 +100,27 @@ def server_states(node: NodeFacts, secrets: Secrets, timeout: float = 2.0) -> di
     return states
 
 
+def force_primary(node: NodeFacts, secrets: Secrets, primary: str, others: list[str], timeout: float = 2.0) -> bool:
+    """Tell one balancer now what its next checks will find: `primary` passes /primary, `others`
+    fail it. After a switchover this routes at once instead of after `rise` checks of the new
+    primary and `fall` checks of the old one, whose Patroni answers 200 until it has released
+    the leader key (~2 s after its PostgreSQL stopped). The checks keep running and correct a
+    wrong forced state. True when the balancer did both."""
+    stats = secrets["haproxy_stats"]
+    ok = True
+    for action, servers in (("hdown", others), ("hrunn", [primary])):
+        if not servers:
+            continue
+        form = {"s": servers, "action": action, "b": PRIMARY_PROXY}
+        try:
+            r = httpx.post(node.haproxy_stats_url, data=form, auth=(stats.username, stats.password), timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        # HAProxy answers with a redirect whose ";st=" says what it did (DONE: every server)
+        ok = ok and r.status_code == 303 and r.headers.get("location", "").endswith(";st=DONE")
+    return ok
+
+
 def up_servers(states: dict[str, dict[str, str]], proxy: str) -> list[str]:
     return sorted(s for s, st in states.get(proxy, {}).items() if st == "UP")
 
