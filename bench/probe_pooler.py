@@ -1,5 +1,6 @@
-"""Does a paused PgBouncer hide a planned switchover from its clients? A measurement before the
-pooler goes into haflow (issue 12, "a switchover clients do not see").
+"""Does a paused PgBouncer hide a planned switchover from its clients? The measurement that led
+to haflow's own poolers (components/pgbouncer.py; bench_switchover.py measures those). Kept as
+its record; its poolers listen on their own port (6439), beside haflow's.
 
 Attaches to a running cluster (like bench_idle). For each repetition it runs the same writer
 (one INSERT every 50 ms, autocommit, psycopg) twice:
@@ -14,7 +15,6 @@ It reports client errors and the longest stall between two acknowledged writes, 
 no acknowledged write is lost. The poolers are started by this script (as `nobody`, from a
 private 0700 directory), tracked by PID and stopped at its end.
 
-    apt-get install pgbouncer   # Debian 12: 1.18 (not part of haflow's prerequisites yet)
     .venv/bin/python bench/probe_pooler.py -f SPEC [--state-dir DIR] [--reps 3]
 
 Writes bench/results/pooler-probe.json and its section of docs/benchmarks.md.
@@ -37,24 +37,13 @@ import psycopg
 
 from common import save_results, write_docs_section
 from haflow.cluster import Cluster
-from haflow.drills.writer import DEAD_PEER_FAILS_FAST, Writer, lost_writes
+from haflow.drills.writer import PooledWriter, Writer, lost_writes
 from haflow.hosts.procs import ProcRef, wait_gone
 from haflow.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-POOLER_PORT = 6432
+POOLER_PORT = 6439  # haflow's own poolers hold 6432
 ADMIN = "pooler_admin"
-
-
-class PooledWriter(Writer):
-    """The drill writer, through a pooler in transaction mode: no server-side prepared
-    statements (PgBouncer 1.18 cannot route them), as any client of such a pooler must."""
-
-    def _connect(self, endpoint: str) -> psycopg.Connection:
-        host, port = endpoint.rsplit(":", 1)
-        return psycopg.connect(host=host, port=int(port), user=self.user, password=self.password,
-                               dbname=self.dbname, connect_timeout=self.connect_timeout_s, autocommit=True,
-                               prepare_threshold=None, **DEAD_PEER_FAILS_FAST)
 
 
 class Poolers:

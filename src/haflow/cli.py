@@ -467,6 +467,10 @@ def print_status(snap: dict[str, Any]) -> None:
     lb = layers["balancer"]
     t.add_row("balancer (HAProxy)", _mark(lb["healthy"]), "-",
               ", ".join(f"{m['node']}->{'/'.join(m['primary_up']) or 'nothing'}" for m in lb["members"]))
+    pl = layers["pooler"]
+    t.add_row("pooler (PgBouncer)", _mark(pl["healthy"]), "-",
+              ", ".join(f"{m['node']}:" + ("PAUSED" if m["paused"] else f"{m['clients']} clients/{m['servers']} servers")
+                        if m["reason"] is None or m["paused"] else f"{m['node']}:DOWN" for m in pl["members"]))
     br = layers["broker"]
     t.add_row("broker (RabbitMQ)", _mark(br["healthy"]), "-",
               ", ".join(f"{m['node']}:{'running' if m['running'] else 'DOWN'}" for m in br["members"])

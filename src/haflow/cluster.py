@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from haflow import hosts
-from haflow.components import REGISTRY, airflow, airflow_api, etcd, haproxy, patroni, postgres, rabbitmq
+from haflow.components import REGISTRY, airflow, airflow_api, etcd, haproxy, patroni, pgbouncer, postgres, rabbitmq
 from haflow.applied import AppliedConfigs
 from haflow.components.base import DesiredState, LayerStatus, Needs
 from haflow.dags import Dags
@@ -40,6 +40,7 @@ ETCD_TIMEOUT_S = 60
 BROKER_TIMEOUT_S = 120
 DATABASE_TIMEOUT_S = 180
 BALANCER_TIMEOUT_S = 30
+PROMOTION_GRACE_S = 5  # after Patroni reported the switchover, how long the promotion may still take
 AIRFLOW_TIMEOUT_S = 180
 EXAMPLE_DAG = "haflow_example"
 EXAMPLE_TIMEOUT_S = 300
@@ -158,6 +159,7 @@ class Cluster:
         # leader key the moment etcd asks for logins)
         changed += etcd.ensure_auth(self.facts, self.secrets)
         self._up_balancers(file_changes, changed)
+        self._up_poolers(file_changes, changed)
         self._up_broker(file_changes, changed)
         leader = self.facts.node(db.leader)
         changed += postgres.ensure_airflow_database(self.facts, self.secrets, leader.pg_primary)
@@ -287,6 +289,18 @@ class Cluster:
         changed += self._ensure_service(haproxy.NAME, self.facts.node_names, file_changes, gate=("balancers", routed))
         self._wait("balancers (every node's primary port routes to the leader)", BALANCER_TIMEOUT_S, routed)
 
+    def _up_poolers(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
+        self.say("starting PgBouncer")
+        nodes = self.facts.node_names
+        poolers = functools.partial(pgbouncer.probe, self.facts, self.secrets)
+        # a pooler a killed switchover left paused holds every Airflow query: resume it first
+        paused = [m.node for m in poolers().members if m.paused]
+        if paused:
+            pgbouncer.resume(self.facts, self.secrets, paused)
+            changed.append(f"resumed the paused pooler on {', '.join(paused)}")
+        changed += self._ensure_service(pgbouncer.NAME, nodes, file_changes, reload=True, gate=("poolers", poolers))
+        self._wait("poolers (every node's PgBouncer answers, none paused)", BALANCER_TIMEOUT_S, poolers)
+
     def _up_broker(self, file_changes: dict[str, list[Path]], changed: list[str]) -> None:
         self.say("starting RabbitMQ (epmd first)")
         for machine in self._broker_machines():
@@ -366,7 +380,7 @@ class Cluster:
         layout = self.host.layout(node.name)
         venv = airflow.venv_dir(layout, self.spec.airflow.version)
         rc, out = self.host.run(node.name, [str(venv / "bin/airflow"), "db", "migrate"],
-                                airflow.env(self.facts, node, layout, self.secrets), timeout=600,
+                                airflow.migrate_env(self.facts, node, layout, self.secrets), timeout=600,
                                 user=layout.user("airflow"), cwd=airflow.home(layout))
         if rc != 0:
             tail = " | ".join(out.strip().splitlines()[-3:])
@@ -499,7 +513,8 @@ class Cluster:
         # RabbitMQ depends on none of the database layer: it stops beside it
         with ThreadPoolExecutor(max_workers=1) as pool:
             broker = pool.submit(self._stop_broker)
-            self.say("stopping HAProxy")
+            self.say("stopping PgBouncer, then HAProxy")
+            self._parallel(lambda n: self.host.stop(n, pgbouncer.NAME), nodes)
             self._parallel(lambda n: self.host.stop(n, haproxy.NAME), nodes)
             self._stop_database()
             self._stop_etcd()
@@ -703,14 +718,27 @@ class Cluster:
         leader, candidate = patroni.switchover_plan(self.facts, to)
         self.say(f"switching the primary from {leader} to {candidate}")
         t0 = time.monotonic()
-        # Patroni answers the request only at its next one-second poll after the change: the
-        # promotion is watched meanwhile, and the balancers are told at once.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            request = pool.submit(patroni.request_switchover, self.facts, self.secrets, leader, candidate)
-            promoted_s = self._await_promotion(candidate, timeout, request)
-            if promoted_s is not None:
-                self._route_balancers_to(candidate)
-            request.result()  # Patroni's refusal or failure, as before
+        # the demotion's own checkpoint then has little left to write
+        postgres.checkpoint(self.facts, self.secrets)
+        paused = pgbouncer.pause_all(self.facts, self.secrets, self.spec.pooler.pause_timeout_s)
+        poolers_paused = list(paused)
+        self._say_unpaused(paused)
+        paused_s = time.monotonic() - t0
+        resumed_s = None
+        try:
+            # Patroni answers the request only at its next one-second poll after the change:
+            # the promotion is watched meanwhile, the balancers told and the poolers resumed at once.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                request = pool.submit(patroni.request_switchover, self.facts, self.secrets, leader, candidate)
+                promoted_s = self._await_promotion(candidate, timeout, request)
+                if promoted_s is not None:
+                    self._route_balancers_to(candidate)
+                    pgbouncer.resume(self.facts, self.secrets, paused)
+                    resumed_s, paused = time.monotonic() - t0, []
+                request.result()  # Patroni's refusal or failure, as before
+        finally:
+            if paused and pgbouncer.resume(self.facts, self.secrets, paused):
+                self.say("a pooler did not take RESUME; `haflow up` resumes it")
 
         def routed() -> LayerStatus:
             lb = haproxy.probe(self.facts, self.secrets, candidate)
@@ -723,17 +751,27 @@ class Cluster:
         routed_s = time.monotonic() - t0
         moved = etcd.move_leader_away(self.facts, candidate)
         return {"from": leader, "to": candidate, "elapsed_s": round(time.monotonic() - t0, 1),
-                "promoted_s": None if promoted_s is None else round(promoted_s, 2), "routed_s": round(routed_s, 2),
+                "poolers_paused": poolers_paused, "paused_s": round(paused_s, 2), "promoted_s": None if promoted_s is None else round(promoted_s, 2),
+                "resumed_s": None if resumed_s is None else round(resumed_s, 2), "routed_s": round(routed_s, 2),
                 "etcd_leader_moved_to": moved}
+
+    def _say_unpaused(self, paused: list[str]) -> None:
+        unpaused = sorted(set(self.facts.node_names) - set(paused))
+        if unpaused:
+            self.say(f"the poolers on {', '.join(unpaused)} did not pause (down, or a transaction stayed open "
+                     f"{self.spec.pooler.pause_timeout_s} s): their clients may see the switchover")
 
     def _await_promotion(self, candidate: str, timeout: float, request: Future) -> float | None:
         """Seconds until the candidate's Patroni answers 200 on /primary (what the balancers
         check), polled every 50 ms; None if it did not within `timeout` or the request failed
         (the caller then reports why)."""
         node, t0 = self.facts.node(candidate), time.monotonic()
-        while time.monotonic() - t0 < timeout and not (request.done() and request.exception()):
+        deadline = t0 + timeout
+        while time.monotonic() < deadline and not (request.done() and request.exception()):
             if patroni.node_role(node, "/primary", timeout=0.5):
                 return time.monotonic() - t0
+            if request.done():  # Patroni saw the candidate take the leader key: its promotion is near
+                deadline = min(deadline, time.monotonic() + PROMOTION_GRACE_S)
             time.sleep(0.05)
         return None
 

@@ -37,6 +37,7 @@ class NodeFacts:
     rabbitmq_management_url: str
     airflow_api: str  # HOST:PORT of this node's api-server
     api_balancer: str  # HOST:PORT of this node's balancer in front of every api-server
+    pooler: str  # HOST:PORT of this node's PgBouncer, in front of its balancer's read-write port
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class ClusterFacts:
             rabbitmq_management_url=f"http://{hostport(n.address, p.rabbitmq_management)}",
             airflow_api=hostport(n.address, p.airflow_api),
             api_balancer=hostport(n.address, p.api_balancer),
+            pooler=hostport(n.address, p.pooler),
         )
 
     # which role binds which port (the balancer's ports are bound on every node)

@@ -31,6 +31,7 @@ ACCOUNTS: dict[str, str] = {
     "rabbitmq_airflow": "airflow",
     "airflow_admin": "admin",
     "haproxy_stats": "haflow",
+    "pooler_admin": "pgbouncer",
     "etcd_root": "root",
     "etcd_patroni": "patroni",
     "etcd_elector": "dag-processor-elector",

@@ -193,6 +193,7 @@ class Ports(_Strict):
     amqp_balancer: Port = 5670
     airflow_api: Port = 8080
     api_balancer: Port = 8000
+    pooler: Port = 6432
     worker_log_server: Port = 8793
     trigger_log_server: Port = 8794
 
@@ -262,6 +263,16 @@ class Balancer(_Strict):
     rise: _bounded(1, 10) = 1
 
 
+class Pooler(_Strict):
+    # PgBouncer on every node in front of its balancer, transaction pooling: Airflow's
+    # connections go through it, and a switchover pauses it so no client sees the change.
+    pool_size: _bounded(1, 1000, "", "server connections per node, shared by its Airflow processes") = 20
+    max_client_conn: _bounded(10, 100000) = 1000
+    # A switchover pauses every pooler first; a transaction that stays open longer than this
+    # (PAUSE waits for it) lets the switchover go on unpaused rather than wait on it.
+    pause_timeout_s: _bounded(1, 120, " s") = 10
+
+
 class Broker(_Strict):
     # A task's message stays unacknowledged while the task runs (acks_late): RabbitMQ closes a
     # consumer that holds one longer than this. It must outlast the longest task.
@@ -326,6 +337,7 @@ class Spec(_Strict):
     etcd: Etcd = Field(default_factory=Etcd)
     database: Database = Field(default_factory=Database)
     balancer: Balancer = Field(default_factory=Balancer)
+    pooler: Pooler = Field(default_factory=Pooler)
     broker: Broker = Field(default_factory=Broker)
     airflow: Airflow = Field(default_factory=Airflow)
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from haflow.cluster import Cluster
-from haflow.components import airflow, etcd, haproxy, patroni, rabbitmq
+from haflow.components import airflow, etcd, haproxy, patroni, pgbouncer, rabbitmq
 from haflow.components.base import LayerStatus
 
 
@@ -19,6 +19,7 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
         dcs_f = pool.submit(etcd.probe, facts)
         db_f = pool.submit(patroni.probe, facts)
         broker_f = pool.submit(rabbitmq.probe, facts, secrets) if secrets else None
+        pooler_f = pool.submit(pgbouncer.probe, facts, secrets) if secrets else None
         # "supervisor": the node's init runs (its supervisord here, systemd on a real host); each
         # server asked at once, so one that does not answer costs its timeout once
         inits = list(pool.map(cluster.host.running, facts.node_names))
@@ -29,8 +30,9 @@ def snapshot(cluster: Cluster) -> dict[str, Any]:
     airflow_layer = (cluster.airflow_probe() if secrets
                      else airflow.AirflowStatus.unknown(facts, cluster.dags.status(), not_created))
     broker = broker_f.result() if broker_f else rabbitmq.BrokerStatus.unknown(facts, not_created)
-    layers: dict[str, LayerStatus] = {"dcs": dcs, "database": database, "balancer": balancer, "broker": broker,
-                                      "airflow": airflow_layer}
+    pooler = pooler_f.result() if pooler_f else pgbouncer.PoolerStatus.unknown(facts, not_created)
+    layers: dict[str, LayerStatus] = {"dcs": dcs, "database": database, "balancer": balancer, "pooler": pooler,
+                                      "broker": broker, "airflow": airflow_layer}
     running = cluster.removed_nodes_running()
     removed = [{"node": n, "running": n in running} for n in cluster.state.removed_nodes(cluster.spec)]
     return {
@@ -58,6 +60,7 @@ def problems(snap: dict[str, Any]) -> list[str]:
     for m in layers["balancer"]["members"]:
         if not m["healthy"]:
             out.append(f"balancer on {m['node']}: {m['reason']}")
+    out += [p for p in layers["pooler"].get("problems", [])]
     out += [f"broker: {p}" for p in layers["broker"].get("problems", [])]
     out += [f"airflow: {p}" for p in layers["airflow"].get("problems", [])]
     return out

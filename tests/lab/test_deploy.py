@@ -24,7 +24,7 @@ from haflow.secrets import Secrets
 
 pytestmark = pytest.mark.lab
 HAFLOW = [sys.executable, "-m", "haflow.cli"]
-SERVICES = ("etcd", "patroni", "haproxy", "epmd", "rabbitmq", "airflow-api-server", "airflow-scheduler",
+SERVICES = ("etcd", "patroni", "haproxy", "pgbouncer", "epmd", "rabbitmq", "airflow-api-server", "airflow-scheduler",
             "airflow-dag-processor", "airflow-triggerer", "airflow-worker")
 
 
@@ -311,11 +311,12 @@ def test_a_worker_only_node_is_added_by_deploy_and_removed_cleanly(lab):
     cluster stays healthy and runs DAGs."""
     spare = lab["spares"][0]
     grown, result = deploy_with_spares(lab, "cluster-grown.yaml", [spare], roles=["worker"])
-    assert set(result["deploy"]["hosts"][spare["name"]]["started"]) == {"haproxy", "airflow-worker"}, result["deploy"]
+    assert set(result["deploy"]["hosts"][spare["name"]]["started"]) == {"haproxy", "pgbouncer", "airflow-worker"}, result["deploy"]
     for name in lab["names"]:  # the full nodes: PostgreSQL admits the new address (a reload), nothing restarts
         assert result["deploy"]["hosts"][name]["restarted"] == [], result["deploy"]["hosts"]
     units = on(spare["name"], "systemctl list-units --plain --no-legend 'haflow-lab-*.service' | awk '{print $1}'").split()
-    assert sorted(units) == ["haflow-lab-airflow-worker.service", "haflow-lab-haproxy.service"], units
+    assert sorted(units) == ["haflow-lab-airflow-worker.service", "haflow-lab-haproxy.service",
+                             "haflow-lab-pgbouncer.service"], units
     fanout_reaches(grown, spare["name"])
 
     # still in the spec: refused, nothing touched

@@ -81,7 +81,16 @@ def test_airflow_processes_share_keys_and_use_their_nodes_balancer(tmp_path):
     for key in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"):
         assert len({e[key] for e in envs.values()}) == 1
     e = envs["node2"]
-    assert "@127.0.0.92:5000/airflow" in e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    # the database through the node's pooler, which alone knows no prepared statements
+    assert "@127.0.0.92:6432/airflow" in e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] == e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] == "haflow_airflow.POOLED_CONNECT_ARGS"
+    assert e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"] == "haflow_airflow.POOLED_CONNECT_ARGS"
+    # ... but the migration holds a session-level advisory lock: straight to the balancer
+    layout = c.host.layout("node2")
+    migrate = airflow.migrate_env(c.facts, c.facts.node("node2"), layout, c.secrets)
+    assert "@127.0.0.92:5000/airflow" in migrate["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert "@127.0.0.92:5000/airflow" in e["HAFLOW_CANARY_DSN"]
     assert e["AIRFLOW__CELERY__BROKER_URL"].endswith("@127.0.0.92:5670/airflow") and ";" not in e["AIRFLOW__CELERY__BROKER_URL"]
     assert e["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.92:8000/execution/"
     assert e["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"

@@ -45,7 +45,8 @@ def services(c: Cluster, node: str = "node1") -> dict:
 def test_every_service_runs_as_its_own_user_from_its_own_folder(tmp_path):
     c = cluster(tmp_path)
     users = {name: s.user for name, s in services(c).items()}
-    assert users == {"etcd": "etcd", "patroni": "postgres", "haproxy": "haproxy", "rabbitmq": "rabbitmq", "rabbitmq-guard": "rabbitmq",
+    assert users == {"etcd": "etcd", "patroni": "postgres", "haproxy": "haproxy", "pgbouncer": "pgbouncer",
+                     "rabbitmq": "rabbitmq", "rabbitmq-guard": "rabbitmq",
                      **{name: "airflow" for name in airflow.SERVICES}, airflow.WORKER: "airflow-worker"}
     layout = c.host.layout("node1")
     assert not str(layout.services).startswith(str(c.state_dir))  # service users cannot reach a 0700 state dir

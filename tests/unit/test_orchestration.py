@@ -18,7 +18,7 @@ import yaml
 
 from haflow import cluster as cluster_mod
 from haflow.cluster import Cluster
-from haflow.components import airflow, airflow_api, etcd, haproxy, patroni, postgres, rabbitmq
+from haflow.components import airflow, airflow_api, etcd, haproxy, patroni, pgbouncer, postgres, rabbitmq
 from haflow.components.base import DesiredState, LayerStatus, Needs
 from haflow.drills import scenarios
 from haflow.drills.scenarios import Fault
@@ -194,8 +194,14 @@ def _layers(host: RecordingHost, fail: str | None) -> dict[str, Any]:
                                          0, 1, False) for n in full(facts))
         return patroni.DatabaseStatus(ok, () if ok else ("not yet",), "node1" if ok else None, members)
 
+    def poolers(facts: Any) -> pgbouncer.PoolerStatus:
+        ok = fail != "poolers" and _everywhere(host, pgbouncer.NAME, facts.node_names)
+        members = tuple(pgbouncer.PoolerMember(n, ok, False, 0, 0, 0, None if ok else "not yet") for n in facts.node_names)
+        return pgbouncer.PoolerStatus(ok, () if ok else ("not yet",), members)
+
     return {
         "etcd": lambda facts: layer(etcd_ok(facts)),
+        "pgbouncer": lambda facts, secrets: poolers(facts),
         "etcd_leader": lambda facts, timeout=3.0: "node1" if etcd_ok(facts) else None,
         "patroni": database,
         "haproxy": lambda facts, secrets, leader: layer(fail != "balancers" and db_ok(facts)
@@ -219,7 +225,7 @@ def recorded(tmp_path, monkeypatch):
         assert isinstance(host, Host)  # the contract, checked structurally
         probes = _layers(host, fail)
         for module, attr, key in [(etcd, "probe", "etcd"), (etcd, "leader_name", "etcd_leader"),
-                                  (patroni, "probe", "patroni"), (haproxy, "probe", "haproxy"),
+                                  (patroni, "probe", "patroni"), (haproxy, "probe", "haproxy"), (pgbouncer, "probe", "pgbouncer"),
                                   (rabbitmq, "probe", "rabbitmq"), (airflow, "api_health", "api_health"),
                                   (airflow, "probe", "airflow")]:
             monkeypatch.setattr(module, attr, probes[key])
@@ -233,9 +239,20 @@ def recorded(tmp_path, monkeypatch):
         monkeypatch.setattr(airflow_api, "login_works", lambda *a: True)
         monkeypatch.setattr(rabbitmq, "missing_replicas", lambda *a: {})
         monkeypatch.setattr(patroni, "wake_up", lambda *a: True)
+        # a switchover's steps around Patroni's: the candidate is promoted when the (fake)
+        # database says it leads
+        monkeypatch.setattr(postgres, "checkpoint", lambda *a: True)
+        monkeypatch.setattr(pgbouncer, "pause_all", lambda facts, secrets, timeout_s: list(facts.node_names))
+        monkeypatch.setattr(pgbouncer, "resume", lambda *a: [])
+        monkeypatch.setattr(haproxy, "force_primary", lambda *a: True)
+        monkeypatch.setattr(patroni, "node_role", lambda node, path, timeout=1.0: path == "/primary" and any(
+            m.node == node.name and m.role == "leader" for m in patroni.probe(facts_of[0]).members))
+        facts_of: list[Any] = []
         for name in ("ETCD_TIMEOUT_S", "DATABASE_TIMEOUT_S", "BALANCER_TIMEOUT_S", "BROKER_TIMEOUT_S", "AIRFLOW_TIMEOUT_S"):
             monkeypatch.setattr(cluster_mod, name, 1.5)
-        return Cluster(spec, tmp_path / "state", host=host), host
+        made = Cluster(spec, tmp_path / "state", host=host)
+        facts_of.append(made.facts)
+        return made, host
     return make
 
 
@@ -247,7 +264,7 @@ def test_up_starts_each_layer_after_the_one_it_depends_on(recorded):
     cluster, host = recorded()
     cluster.up(smoke=False)
     services = [s for _, s in _starts(host)]
-    order = [etcd.NAME, patroni.NAME, haproxy.NAME, rabbitmq.EPMD, rabbitmq.NAME, rabbitmq.GUARD, airflow.API, airflow.SCHEDULER,
+    order = [etcd.NAME, patroni.NAME, haproxy.NAME, pgbouncer.NAME, rabbitmq.EPMD, rabbitmq.NAME, rabbitmq.GUARD, airflow.API, airflow.SCHEDULER,
              airflow.DAG_PROCESSOR, airflow.TRIGGERER, airflow.WORKER]
     assert sorted(set(services), key=order.index) == order
     last = {s: max(i for i, x in enumerate(services) if x == s) for s in order}
@@ -332,7 +349,8 @@ def test_down_stops_in_dependency_order_and_wakes_the_leader_while_its_standbys_
     first = lambda service: min(i for i, (_, s) in enumerate(stops) if s == service)  # noqa: E731
     last = lambda service: max(i for i, (_, s) in enumerate(stops) if s == service)  # noqa: E731
     assert woken and set(woken) == {"node1"}, woken
-    for before, after in [(airflow.WORKER, airflow.API), (airflow.SCHEDULER, airflow.API), (airflow.API, haproxy.NAME),
+    for before, after in [(airflow.WORKER, airflow.API), (airflow.SCHEDULER, airflow.API), (airflow.API, pgbouncer.NAME),
+                          (pgbouncer.NAME, haproxy.NAME),
                           (airflow.API, rabbitmq.GUARD), (haproxy.NAME, patroni.NAME), (patroni.NAME, etcd.NAME)]:
         assert last(before) < first(after), (before, after, stops)
     for node in cluster.facts.node_names:
@@ -444,7 +462,7 @@ WORKER_NODE = {"name": "w1", "address": "127.0.0.54", "roles": ["worker"]}
 def test_a_worker_only_node_starts_its_balancer_and_worker_after_the_layers_it_needs(recorded):
     cluster, host = recorded(extra=(WORKER_NODE,))
     cluster.up(smoke=False)
-    assert [s for n, s in _starts(host) if n == "w1"] == [haproxy.NAME, airflow.WORKER]
+    assert [s for n, s in _starts(host) if n == "w1"] == [haproxy.NAME, pgbouncer.NAME, airflow.WORKER]
     first_worker = host.calls.index(("start", "w1", airflow.WORKER))
     assert ("start", "node1", airflow.API) in host.calls[:first_worker]
     assert ("put_tree", "w1") in [c[:2] for c in host.calls]  # it gets the DAGs like every node

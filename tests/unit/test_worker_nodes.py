@@ -78,13 +78,14 @@ def test_an_etcd_member_on_a_worker_only_node_is_refused():
 
 def test_a_worker_only_node_runs_its_balancer_and_a_celery_worker_only(tmp_path):
     c = cluster(tmp_path, WORKER)
-    assert [s.name for s in c.desired("w1").services] == ["haproxy", airflow.WORKER]
+    # the pooler too: the worker writes Celery results to the database through it
+    assert [s.name for s in c.desired("w1").services] == ["haproxy", "pgbouncer", airflow.WORKER]
     full = [s.name for s in c.desired("node1").services]
     assert {"etcd", "patroni", "rabbitmq", airflow.SCHEDULER, airflow.WORKER} <= set(full)
-    # its ports: the balancer's and the worker's log server, nothing of a quorum
+    # its ports: the balancer's, the pooler's and the worker's log server, nothing of a quorum
     ports = set(c.facts.listen_ports("w1").values())
     assert ports == {"ports.pg_primary", "ports.pg_replicas", "ports.haproxy_stats", "ports.amqp_balancer",
-                     "ports.api_balancer", "ports.worker_log_server"}, ports
+                     "ports.api_balancer", "ports.pooler", "ports.worker_log_server"}, ports
     assert ("127.0.0.94", c.spec.ports.epmd) not in c.facts.host_listen_ports()
 
 
@@ -118,7 +119,7 @@ def test_a_worker_machine_is_provisioned_with_what_its_node_runs(tmp_path):
     c = cluster(tmp_path, WORKER)
     worker = c.needs(Machine("w1", ("w1",)))
     full = c.needs(Machine("node1", ("node1",)))
-    assert {p.apt for p in worker.packages} == {"haproxy"}, worker.packages
+    assert {p.apt for p in worker.packages} == {"haproxy", "pgbouncer"}, worker.packages
     assert {"etcd-server", "rabbitmq-server", "haproxy"} <= {p.apt for p in full.packages}
     assert [v.path.name for v in worker.venvs] == [f"airflow-{c.spec.airflow.version}"]
 

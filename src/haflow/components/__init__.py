@@ -4,6 +4,6 @@ Orchestration renders and provisions every node from REGISTRY, in this order (th
 layers start in); status and drills probe the same modules.
 """
 
-from haflow.components import airflow, etcd, haproxy, patroni, rabbitmq
+from haflow.components import airflow, etcd, haproxy, patroni, pgbouncer, rabbitmq
 
-REGISTRY = (etcd, patroni, haproxy, rabbitmq, airflow)
+REGISTRY = (etcd, patroni, haproxy, pgbouncer, rabbitmq, airflow)

@@ -3,7 +3,7 @@ candidate of which exactly one runs (chosen through an etcd lease, see data/dag_
 
 All configuration is environment, built here as a dict per process (no shell, no env file to
 source: broker URLs and JSON break those, P-A6). Every process of the cluster shares one fernet
-key, JWT secret and API secret key. The database is reached through the node's own balancer
+key, JWT secret and API secret key. The database is reached through the node's pooler (PgBouncer), in front of its own balancer
 primary port; the broker through the node's balancer AMQP port (one URL, so a dead RabbitMQ node
 is never tried, P-A2); the Execution API through the node's balancer api port (P-A9).
 """
@@ -132,8 +132,9 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
     # between the primary's server dying and its health check failing hangs there without any
     # timer (HAProxy 3.0; measured on the lab: surviving schedulers and triggerers stalled
     # ~130 s after a power-off); libpq gives up on it and the pool opens another.
-    database = f"{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
-    sql = f"postgresql+psycopg://{database}"
+    direct = f"{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
+    # Airflow's own connections go through the node's pooler (components/pgbouncer.py)
+    sql = f"postgresql+psycopg://{db.username}:{db.password}@{node.pooler}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
     return {
         "AIRFLOW_HOME": str(h),
         "HOME": str(h),
@@ -156,6 +157,11 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{node.api_balancer}/execution/",
         **auth_env(facts, layout, secrets),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql,
+        # The async engine too, with psycopg rather than asyncpg, whose statement cache a
+        # transaction pooler breaks; neither may prepare statements (POOLED_CONNECT_ARGS).
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": sql,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{CONFIG_MODULE}.POOLED_CONNECT_ARGS",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": f"{CONFIG_MODULE}.POOLED_CONNECT_ARGS",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_PRE_PING": "True",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.key("airflow_jwt_secret"),
         "AIRFLOW__API__SECRET_KEY": secrets.key("airflow_api_secret_key"),
@@ -186,11 +192,20 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": f"{CONFIG_MODULE}.CELERY_CONFIG",
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__CONFIRM_PUBLISH": "True",
         # Where the canary DAG's tasks record their executions (haflow drill).
-        "HAFLOW_CANARY_DSN": f"postgresql://{database}",
+        "HAFLOW_CANARY_DSN": f"postgresql://{direct}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(layout.task_logs),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(facts.worker_log_port(node.name)),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(facts.trigger_log_port(node.name)),
     }
+
+
+def migrate_env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, str]:
+    """`airflow db migrate` holds a session-level advisory lock, which a transaction pooler
+    cannot keep: it goes straight to the node's balancer."""
+    db = secrets["postgres_airflow"]
+    direct = f"postgresql+psycopg://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
+    return {**env(facts, node, layout, secrets), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": direct,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": direct}
 
 
 # What a Celery worker, and so every task it runs, must not hold: tasks reach connections and

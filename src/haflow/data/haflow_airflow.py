@@ -18,6 +18,11 @@ def hostname() -> str:
     return os.environ.get("HAFLOW_NODE") or os.uname().nodename
 
 
+# Airflow's database connections go through PgBouncer in transaction mode, which (1.18) cannot
+# route server-side prepared statements: psycopg must never prepare one (it does after 5 runs of
+# the same query by default). [database] sql_alchemy_connect_args(_async) name this dict.
+POOLED_CONNECT_ARGS = {"prepare_threshold": None}
+
 CELERY_CONFIG = {
     **DEFAULT_CELERY_CONFIG,
     # Every queue Celery declares (the default one and any named with -q) is a quorum queue.

@@ -115,3 +115,14 @@ def lost_writes(log: WriteLog, endpoint: str, user: str, password: str, dbname: 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+class PooledWriter(Writer):
+    """The writer through the nodes' poolers (PgBouncer, transaction pooling): no server-side
+    prepared statements, which such a pooler cannot route, as any of its clients must."""
+
+    def _connect(self, endpoint: str) -> psycopg.Connection:
+        host, port = endpoint.rsplit(":", 1)
+        return psycopg.connect(host=host, port=int(port), user=self.user, password=self.password,
+                               dbname=self.dbname, connect_timeout=self.connect_timeout_s, autocommit=True,
+                               prepare_threshold=None, **DEAD_PEER_FAILS_FAST)

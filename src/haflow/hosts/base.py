@@ -51,7 +51,7 @@ Say = Callable[[str], None]
 
 # The system user each component's services run as when haflow runs as root (the packages
 # create all but `airflow` and `airflow-worker`, which provisioning creates).
-SERVICE_USERS = {"etcd": "etcd", "haproxy": "haproxy", "rabbitmq": "rabbitmq", "airflow": "airflow",
+SERVICE_USERS = {"etcd": "etcd", "haproxy": "haproxy", "pgbouncer": "pgbouncer", "rabbitmq": "rabbitmq", "airflow": "airflow",
                  "airflow-worker": "airflow-worker"}
 
 
