@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -40,7 +40,6 @@ ETCD_TIMEOUT_S = 60
 BROKER_TIMEOUT_S = 120
 DATABASE_TIMEOUT_S = 180
 BALANCER_TIMEOUT_S = 30
-PROMOTION_GRACE_S = 5  # after Patroni reported the switchover, how long the promotion may still take
 AIRFLOW_TIMEOUT_S = 180
 EXAMPLE_DAG = "haflow_example"
 EXAMPLE_TIMEOUT_S = 300
@@ -730,9 +729,10 @@ class Cluster:
             # the promotion is watched meanwhile, the balancers told and the poolers resumed at once.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 request = pool.submit(patroni.request_switchover, self.facts, self.secrets, leader, candidate)
-                promoted_s = self._await_promotion(candidate, timeout, request)
+                promoted_s = patroni.await_promotion(self.facts, candidate, leader, timeout, request)
                 if promoted_s is not None:
-                    self._route_balancers_to(candidate)
+                    haproxy.route_all_to(self.facts, self.secrets, candidate)
+                    postgres.await_writable(self.facts.node(candidate).pg_primary, self.secrets)
                     pgbouncer.resume(self.facts, self.secrets, paused)
                     resumed_s, paused = time.monotonic() - t0, []
                 request.result()  # Patroni's refusal or failure, as before
@@ -760,28 +760,6 @@ class Cluster:
         if unpaused:
             self.say(f"the poolers on {', '.join(unpaused)} did not pause (down, or a transaction stayed open "
                      f"{self.spec.pooler.pause_timeout_s} s): their clients may see the switchover")
-
-    def _await_promotion(self, candidate: str, timeout: float, request: Future) -> float | None:
-        """Seconds until the candidate's Patroni answers 200 on /primary (what the balancers
-        check), polled every 50 ms; None if it did not within `timeout` or the request failed
-        (the caller then reports why)."""
-        node, t0 = self.facts.node(candidate), time.monotonic()
-        deadline = t0 + timeout
-        while time.monotonic() < deadline and not (request.done() and request.exception()):
-            if patroni.node_role(node, "/primary", timeout=0.5):
-                return time.monotonic() - t0
-            if request.done():  # Patroni saw the candidate take the leader key: its promotion is near
-                deadline = min(deadline, time.monotonic() + PROMOTION_GRACE_S)
-            time.sleep(0.05)
-        return None
-
-    def _route_balancers_to(self, primary: str) -> None:
-        """Every balancer routes to the new primary now, not after its next checks (best effort:
-        a balancer that does not take it follows its checks as before)."""
-        others = [n.name for n in self.facts.database_nodes if n.name != primary]
-        forced = [self.facts.node(n) for n in self.facts.node_names]
-        with ThreadPoolExecutor(max_workers=len(forced)) as pool:
-            list(pool.map(lambda n: haproxy.force_primary(n, self.secrets, primary, others), forced))
 
     # --- last resort ----------------------------------------------------------------------------
     def kill_all(self) -> int:

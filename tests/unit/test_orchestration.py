@@ -242,10 +242,11 @@ def recorded(tmp_path, monkeypatch):
         # a switchover's steps around Patroni's: the candidate is promoted when the (fake)
         # database says it leads
         monkeypatch.setattr(postgres, "checkpoint", lambda *a: True)
+        monkeypatch.setattr(postgres, "await_writable", lambda *a: True)
         monkeypatch.setattr(pgbouncer, "pause_all", lambda facts, secrets, timeout_s: list(facts.node_names))
         monkeypatch.setattr(pgbouncer, "resume", lambda *a: [])
-        monkeypatch.setattr(haproxy, "force_primary", lambda *a: True)
-        monkeypatch.setattr(patroni, "node_role", lambda node, path, timeout=1.0: path == "/primary" and any(
+        monkeypatch.setattr(haproxy, "route_all_to", lambda *a: [])
+        monkeypatch.setattr(patroni, "node_role", lambda node, path, timeout=1.0, client=None: path == "/primary" and any(
             m.node == node.name and m.role == "leader" for m in patroni.probe(facts_of[0]).members))
         facts_of: list[Any] = []
         for name in ("ETCD_TIMEOUT_S", "DATABASE_TIMEOUT_S", "BALANCER_TIMEOUT_S", "BROKER_TIMEOUT_S", "AIRFLOW_TIMEOUT_S"):

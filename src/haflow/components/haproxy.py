@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,11 +84,13 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
 # --- probes -----------------------------------------------------------------------------------
 
 
-def server_states(node: NodeFacts, secrets: Secrets, timeout: float = 2.0) -> dict[str, dict[str, str]] | None:
-    """{proxy: {server: "UP"|"DOWN"|...}} from the node's stats page, None if it does not answer."""
+def server_states(node: NodeFacts, secrets: Secrets, timeout: float = 2.0,
+                  client: httpx.Client | None = None) -> dict[str, dict[str, str]] | None:
+    """{proxy: {server: "UP"|"DOWN"|...}} from the node's stats page, None if it does not answer
+    (`client`: a kept-alive connection, for a caller that asks many times)."""
     stats = secrets["haproxy_stats"]
     try:
-        r = httpx.get(f"{node.haproxy_stats_url};csv", auth=(stats.username, stats.password), timeout=timeout)
+        r = (client or httpx).get(f"{node.haproxy_stats_url};csv", auth=(stats.username, stats.password), timeout=timeout)
         if r.status_code != 200:
             return None
     except httpx.HTTPError:
@@ -100,7 +103,8 @@ def server_states(node: NodeFacts, secrets: Secrets, timeout: float = 2.0) -> di
     return states
 
 
-def force_primary(node: NodeFacts, secrets: Secrets, primary: str, others: list[str], timeout: float = 2.0) -> bool:
+def force_primary(node: NodeFacts, secrets: Secrets, primary: str, others: list[str], timeout: float = 2.0,
+                  client: httpx.Client | None = None) -> bool:
     """Tell one balancer now what its next checks will find: `primary` passes /primary, `others`
     fail it. After a switchover this routes at once instead of after `rise` checks of the new
     primary and `fall` checks of the old one, whose Patroni answers 200 until it has released
@@ -113,12 +117,39 @@ def force_primary(node: NodeFacts, secrets: Secrets, primary: str, others: list[
             continue
         form = {"s": servers, "action": action, "b": PRIMARY_PROXY}
         try:
-            r = httpx.post(node.haproxy_stats_url, data=form, auth=(stats.username, stats.password), timeout=timeout)
+            r = (client or httpx).post(node.haproxy_stats_url, data=form, auth=(stats.username, stats.password),
+                                       timeout=timeout)
         except httpx.HTTPError:
             return False
         # HAProxy answers with a redirect whose ";st=" says what it did (DONE: every server)
         ok = ok and r.status_code == 303 and r.headers.get("location", "").endswith(";st=DONE")
     return ok
+
+
+def route_all_to(facts: ClusterFacts, secrets: Secrets, primary: str, attempts: int = 10) -> list[str]:
+    """Every balancer routes to the new primary now, not after its next checks: told, read
+    back, and told again where a check that was under way undid it. Best effort: a balancer
+    that does not take it follows its checks as before. Returns those that did not."""
+    others = [n.name for n in facts.database_nodes if n.name != primary]
+    balancers = list(facts.nodes)
+    clients = {b.name: httpx.Client() for b in balancers}  # one kept-alive connection each
+
+    def tell(node: NodeFacts) -> bool:
+        """Tell it; True while it still routes elsewhere."""
+        force_primary(node, secrets, primary, others, client=clients[node.name])
+        states = server_states(node, secrets, timeout=1.0, client=clients[node.name])
+        return states is not None and up_servers(states, PRIMARY_PROXY) != [primary]
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(balancers)) as pool:
+            for _ in range(attempts):
+                balancers = [b for b, wrong in zip(balancers, pool.map(tell, balancers)) if wrong]
+                if not balancers:
+                    break
+    finally:
+        for c in clients.values():
+            c.close()
+    return [b.name for b in balancers]
 
 
 def up_servers(states: dict[str, dict[str, str]], proxy: str) -> list[str]:

@@ -7,6 +7,8 @@ of its own process tree), so haflow supervises Patroni only and never starts pos
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,12 +276,35 @@ def cluster_view(facts: ClusterFacts, timeout: float = 2.0) -> dict[str, Any] | 
     return first
 
 
-def node_role(node: NodeFacts, path: str, timeout: float = 1.0) -> bool:
-    """True if the node's REST API answers 200 on a health path such as /primary."""
+def node_role(node: NodeFacts, path: str, timeout: float = 1.0, client: httpx.Client | None = None) -> bool:
+    """True if the node's REST API answers 200 on a health path such as /primary (`client`: a
+    kept-alive connection, for a caller that polls)."""
     try:
-        return httpx.get(f"{node.patroni_api_url}{path}", timeout=timeout).status_code == 200
+        return (client or httpx).get(f"{node.patroni_api_url}{path}", timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+PROMOTION_GRACE_S = 5  # after Patroni reported the switchover, how long the promotion may still take
+
+
+def await_promotion(facts: ClusterFacts, candidate: str, leader: str, timeout: float, request: Future) -> float | None:
+    """Seconds until the candidate's Patroni answers 200 on /primary (what the balancers check)
+    and the old leader's no longer does (it may, briefly, after the promotion: a balancer that
+    checked it then would route to it again), polled every 50 ms while `request` (the
+    switchover request to Patroni) runs; None if not within `timeout` or the request failed
+    (its caller reports why)."""
+    node, old, t0 = facts.node(candidate), facts.node(leader), time.monotonic()
+    deadline = t0 + timeout
+    with httpx.Client() as client:  # kept alive: a poll costs milliseconds, not a connection
+        while time.monotonic() < deadline and not (request.done() and request.exception()):
+            if (node_role(node, "/primary", timeout=0.5, client=client)
+                    and not node_role(old, "/primary", timeout=0.5, client=client)):
+                return time.monotonic() - t0
+            if request.done():  # Patroni saw the candidate take the leader key: its promotion is near
+                deadline = min(deadline, time.monotonic() + PROMOTION_GRACE_S)
+            time.sleep(0.05)
+    return None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import socket
+import time
 
 import psycopg
 from psycopg import sql
@@ -130,3 +131,20 @@ def checkpoint(facts: ClusterFacts, secrets: Secrets) -> bool:
         return True
     except psycopg.Error:
         return False
+
+
+def await_writable(endpoint: str, secrets: Secrets, timeout: float = 10.0) -> bool:
+    """Until the PostgreSQL behind `endpoint` has left recovery (a promotion ends a moment after
+    Patroni answers 200 on /primary; a write in between is refused as read-only), polled every
+    20 ms on one connection. False if not within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with connect(endpoint, secrets, timeout=2) as conn:
+                while time.monotonic() < deadline:
+                    if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                        return True
+                    time.sleep(0.02)
+        except psycopg.Error:
+            time.sleep(0.05)
+    return False
