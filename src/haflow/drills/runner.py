@@ -30,7 +30,7 @@ from haflow.drills import canary, control
 from haflow.drills.isolated_writer import IsolatedLog, IsolatedWriter
 from haflow.drills.monitor import Monitor, Timeline
 from haflow.drills.scenarios import SCENARIOS, BrokerWatch, Fault, Scenario, took_effect
-from haflow.drills.writer import Writer, lost_writes
+from haflow.drills.writer import PooledWriter, Writer, lost_writes
 from haflow.errors import ClusterUnhealthy, UserError
 
 Say = Callable[[str], None]
@@ -131,6 +131,9 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     endpoints = cluster.facts.pg_primary_endpoints
     writer = Writer(endpoints, account.username, account.password, cluster.facts.airflow_db, run_id=int(time.time()))
     writer.ensure_table()
+    # the same writes through the poolers, as Airflow connects (a switchover pauses them)
+    pooled = PooledWriter([n.pooler for n in cluster.facts.nodes], account.username, account.password,
+                          cluster.facts.airflow_db, run_id=int(time.time()) + 2)
     with postgres.connect_any(cluster.facts, cluster.secrets) as conn:
         canary.ensure_table(conn)
     load = canary.CanaryLoad([f"http://{n.api_balancer}" for n in cluster.facts.nodes],
@@ -140,6 +143,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     monitor.prime()
     say(f"[{name}] load on: a write every 50 ms, a canary DAG run every 1.5 s")
     writer.start()
+    pooled.start()
     load.start()
     monitor.start()
     fault: Fault | None = None
@@ -177,6 +181,7 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         load_end = time.time()
         load.stop()
         wlog = writer.stop()
+        plog = pooled.stop()
         monitor.stop()
         if fault is not None and (fault.isolated or fault.broker_isolated) and back_at is None:
             _heal_anyway(cluster, fault.node, say, name)  # the drill stopped early: never leave a cut behind
@@ -195,8 +200,8 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         rows = canary.executions(conn, prefix)
         tis = canary.task_instances(conn, prefix)
         tries = canary.retries(conn, prefix)
-        lost = lost_writes(wlog, postgres.live_primary_endpoint(cluster.facts), account.username, account.password,
-                           cluster.facts.airflow_db)
+        lost = [w for log in (wlog, plog) for w in lost_writes(log, postgres.live_primary_endpoint(cluster.facts),
+                                                               account.username, account.password, cluster.facts.airflow_db)]
     extra: dict[str, Any] = {}
     extra_violations: list[str] = []
     if on_victim is not None:
@@ -206,7 +211,16 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
     report = _report(name, scenario, fault, effect, t0, back_at, healthy_at, load_end, wlog, load.log, states, rows, tis,
                      tries, lost, timeline, status.problems(snap) if healthy_at is None else [])
     violations = report["violations"] + extra_violations
-    return {**report, **extra, "ok": not violations, "violations": violations}
+    return {**report, **_pooled_client(plog, t0 or load_end, load_end), **extra, "ok": not violations,
+            "violations": violations}
+
+
+def _pooled_client(plog: Any, t0: float, load_end: float) -> dict[str, Any]:
+    """What the writer through the poolers saw from the fault on (reported, not judged: a
+    pooler on a crashed node drops its clients too)."""
+    gap, _ = canary.longest_gap(plog.ack_times, t0 - 0.1, load_end)
+    return {"pooled_client_errors": len([t for t, _ in plog.errors if t >= t0]), "pooled_write_gap_s": round(gap, 2),
+            "pooled_acknowledged_writes": len(plog.acknowledged)}
 
 
 def _start_isolated_writer(cluster: Cluster, victim: str, opts: DrillOptions, say: Say, name: str) -> IsolatedWriter:
