@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from common import resources, save_results, write_docs_section
+from common import resources, save_results, utc_now, write_docs_section
 from haflow.cluster import Cluster
 from haflow.components import airflow, airflow_api
 from haflow.hosts.local import MACHINE, default_venvs_dir
@@ -278,7 +278,7 @@ def main() -> None:
         "throughput_ratio": statistics.median(ratios),
         "throughput_ratio_spread": [min(ratios), max(ratios)],
     }
-    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps, "pairs": args.pairs,
+    results["meta"] = {"date": utc_now(), "reps": args.reps, "pairs": args.pairs,
                        "throughput_reps": args.throughput_reps,
                        "startup_measured_on": results.pop("startup_measured_on", None),
                        "airflow": cluster.spec.airflow.version, "worker_concurrency": cluster.spec.airflow.worker_concurrency}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from common import save_results, write_docs_section
+from common import save_results, utc_now, write_docs_section
 from haflow.cluster import Cluster
 from haflow.components import etcd, patroni
 from haflow.drills.writer import Writer, lost_writes
@@ -182,7 +182,7 @@ def main() -> None:
         "loop_wait_5_rto_s": summary([r["rto_s"] for r in lw5]),
     }
     results["meta"] = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "date": utc_now(),
         "machine": f"{platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
         "versions": {
             "etcd": subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0],

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from common import save_results, write_docs_section
+from common import save_results, utc_now, write_docs_section
 from haflow.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def main() -> None:
     results = {"runs": {"cold": {"wall_s": round(cold_wall, 1), "changed": len(cold["deploy"]["changed"])},
                         "noop": noops, "rolling": {"wall_s": round(roll_wall, 1), "changed": roll["deploy"]["changed"]}},
                "summary": summary,
-               "meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "hosts": 3, "release": info["release"],
+               "meta": {"date": utc_now(), "hosts": 3, "release": info["release"],
                         "noop_reps": args.noop_reps}}
     save_results(results, args.out, write_section)
 

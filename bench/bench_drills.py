@@ -14,12 +14,11 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-from common import save_results, write_docs_section
+from common import save_results, utc_now, write_docs_section
 from haflow.cluster import Cluster
 from haflow.drills.runner import DrillOptions, run_drill
 from haflow.drills.scenarios import ALL
@@ -96,7 +95,7 @@ def main() -> None:
 
     results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
     reps = min(len(runs) for runs in results["runs"].values())  # the scenario repeated least
-    results["meta"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": reps,
+    results["meta"] = {"date": utc_now(), "reps": reps,
                        "sessions": (earlier["meta"].get("sessions", 1) + 1) if earlier else 1,
                        "loop_wait": cluster.spec.database.loop_wait, "ttl": cluster.spec.database.ttl}
     save_results(results, args.out, write_section)

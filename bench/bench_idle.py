@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from common import write_docs_section
+from common import utc_now, write_docs_section
 from haflow.cli import make_cluster
 from haflow.hosts.local import MACHINE
 
@@ -169,7 +169,7 @@ def main() -> None:
         raise SystemExit("the cluster is not running here: `haflow up` first (this benchmark starts nothing)")
     print(f"settling {args.settle:.0f} s, then measuring {args.window:.0f} s", flush=True)
     time.sleep(args.settle)
-    run = {"label": args.label, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cluster": cluster.facts.name,
+    run = {"label": args.label, "at": utc_now(), "cluster": cluster.facts.name,
            "nodes": len(cluster.facts.node_names), "up_for_s": up_for(cluster), "window_s": args.window,
            **measure(cluster, args.window)}
     results = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}

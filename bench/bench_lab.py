@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from common import resources, save_results, write_docs_section
+from common import resources, save_results, utc_now, write_docs_section
 from haflow.lab import Lab, image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def main() -> None:
                for k in ("up_s", "noop_up_s", "down_s")}
     summary["idle"] = runs[0]["idle"]
     results = {"runs": runs, "summary": summary,
-               "meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps,
+               "meta": {"date": utc_now(), "reps": args.reps,
                         "nodes": args.nodes, "release": args.release, "idle_window_s": args.idle_window}}
     save_results(results, args.out, write_section)
 

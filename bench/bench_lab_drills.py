@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import save_results, write_docs_section
+from common import save_results, utc_now, write_docs_section
 from haflow.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def main() -> None:
     results["summary"] = {n: summarize(runs) for n, runs in results["runs"].items() if runs}
     if results["lb_runs"]:
         results["summary"]["lb-follow"] = summarize_lb(results["lb_runs"])
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = utc_now()
     kept = earlier.get("meta", {})
     results["meta"] = {"date": now, "drills_date": now if runs["drills"] else kept.get("drills_date", kept.get("date")),
                        "lb_date": now if runs["lb"] else kept.get("lb_date"),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psycopg
 
-from common import save_results, write_docs_section
+from common import save_results, utc_now, write_docs_section
 from haflow.cluster import Cluster
 from haflow.components import patroni
 from haflow.drills.writer import PooledWriter, Writer, lost_writes
@@ -139,7 +139,7 @@ def main() -> None:
     for phase in ("paused_s", "promoted_s", "resumed_s", "routed_s"):
         summary[f"median_{phase}"] = statistics.median(r["switchover"][phase] for r in runs)
     pgbouncer = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    results = {"meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pgbouncer": pgbouncer,
+    results = {"meta": {"date": utc_now(), "pgbouncer": pgbouncer,
                         "cluster": spec.cluster, "nodes": len(spec.nodes)},
                "runs": runs, "summary": summary}
     save_results(results, args.out, render)

@@ -10,6 +10,11 @@ from pathlib import Path
 import psutil
 
 
+def utc_now() -> str:
+    """When a result was measured, as every results file writes it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def save_results(results: dict, out: Path, render: Callable[[dict], None]) -> None:
     """Raw JSON to `out`, the table into the docs (`render`), the summary to stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)

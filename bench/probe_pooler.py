@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psycopg
 
-from common import save_results, write_docs_section
+from common import save_results, utc_now, write_docs_section
 from haflow.cluster import Cluster
 from haflow.drills.writer import PooledWriter, Writer, lost_writes
 from haflow.hosts.procs import ProcRef, wait_gone
@@ -210,7 +210,7 @@ def main() -> None:
                              "longest_stall_s": [r["longest_stall_s"] for r in mine],
                              "median_stall_s": statistics.median(r["longest_stall_s"] for r in mine),
                              "lost": sum(r["lost"] for r in mine)}
-    results = {"meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    results = {"meta": {"date": utc_now(),
                         "pgbouncer": subprocess.run(["pgbouncer", "--version"], capture_output=True,
                                                     text=True).stdout.splitlines()[0]},
                "runs": runs, "summary": summary}
