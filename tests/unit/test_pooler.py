@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,25 @@ def test_the_pooler_port_must_not_clash():
         parse_spec(data, "test.yaml")
     assert any(line.startswith("ports.pooler: port 5000 is also used by ports.pg_primary") or
                line.startswith("ports.pg_primary: port 5000 is also used by ports.pooler") for line in e.value.details), e.value.details
+
+
+def test_a_pooler_that_does_not_pause_in_time_is_resumed_and_the_switchover_goes_on(tmp_path, monkeypatch):
+    """PAUSE waits for open transactions: one that stays open must neither hold the switchover
+    nor leave that pooler paused."""
+    c = cluster(tmp_path, pause_timeout_s=1)
+    stuck = threading.Event()
+    sent: list[tuple[str, str]] = []
+
+    def command(node, secrets, sql):
+        sent.append((node.name, sql))
+        if sql == "PAUSE" and node.name == "node2":
+            stuck.wait(30)  # a transaction that stays open
+        return True
+
+    monkeypatch.setattr(pgbouncer, "command", command)
+    t0 = time.monotonic()
+    paused = pgbouncer.pause_all(c.facts, c.secrets, 0.5)
+    assert time.monotonic() - t0 < 5
+    assert paused == ["node1", "node3"]
+    assert ("node2", "RESUME") in sent and ("node1", "RESUME") not in sent
+    stuck.set()

@@ -11,7 +11,9 @@ prepared statements in transaction mode: its clients must not use them (psycopg:
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor, wait
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,15 +129,24 @@ def command(node: NodeFacts, secrets: Secrets, sql: str) -> bool:
 def pause_all(facts: ClusterFacts, secrets: Secrets, timeout_s: float) -> list[str]:
     """PAUSE every pooler at once (each returns when its running transactions have ended and it
     has closed its server connections; new queries wait). Returns the nodes paused; a pooler
-    that did not pause within `timeout_s` is resumed and left out."""
-    nodes = facts.nodes
-    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-        futures = {pool.submit(command, n, secrets, "PAUSE"): n for n in nodes}
-        done, late = wait(futures, timeout=timeout_s)
-        paused = [futures[f].name for f in done if f.result()]
-        for f in late:
-            command(futures[f], secrets, "RESUME")  # ends its pending PAUSE
-    return sorted(paused)
+    that did not pause within `timeout_s` is resumed and left out. A PAUSE still waiting runs
+    on in a daemon thread: neither the switchover nor the command's exit waits for it."""
+    answers: dict[str, bool] = {}
+
+    def pause(node: NodeFacts) -> None:
+        answers[node.name] = command(node, secrets, "PAUSE")
+
+    threads = [threading.Thread(target=pause, args=(n,), daemon=True) for n in facts.nodes]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    decided = dict(answers)  # a PAUSE answering from now on is too late, and resumed below
+    for n in facts.nodes:
+        if n.name not in decided:
+            command(n, secrets, "RESUME")  # ends its pending PAUSE
+    return sorted(n for n, ok in decided.items() if ok)
 
 
 def resume(facts: ClusterFacts, secrets: Secrets, nodes: list[str]) -> list[str]:
