@@ -22,52 +22,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
-
-import psycopg
 
 from common import save_results, utc_now, write_docs_section
 from haflow.cluster import Cluster
 from haflow.components import patroni
-from haflow.drills.writer import PooledWriter, Writer, lost_writes
+from haflow.drills.writer import LongTransactions, PooledWriter, Writer, lost_writes
 from haflow.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = ("direct", "pooled", "pooled, 0.3 s transactions")
-
-
-class LongTransactions(threading.Thread):
-    """Transactions of 0.3 s each, back to back; the time of each commit and each error."""
-
-    def __init__(self, endpoint: str, account, dbname: str) -> None:
-        super().__init__(daemon=True)
-        self.endpoint, self.account, self.dbname = endpoint, account, dbname
-        self.halt = threading.Event()
-        self.commits: list[float] = []
-        self.errors: list[tuple[float, str]] = []
-
-    def run(self) -> None:
-        host, port = self.endpoint.rsplit(":", 1)
-        conn = None
-        while not self.halt.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(host=host, port=int(port), user=self.account.username,
-                                           password=self.account.password, dbname=self.dbname,
-                                           connect_timeout=5, prepare_threshold=None)
-                with conn.transaction():
-                    conn.execute("SELECT pg_sleep(0.3)")
-                self.commits.append(time.time())
-            except psycopg.Error as e:
-                self.errors.append((time.time(), type(e).__name__))
-                conn = None
-        if conn is not None:
-            conn.close()
-
-    def longest_gap(self) -> float:
-        return max((b - a for a, b in zip(self.commits, self.commits[1:])), default=0.0)
 
 
 def wait_for_sync_standby(cluster: Cluster, timeout_s: float = 120) -> None:
@@ -88,7 +53,7 @@ def one_switchover(cluster: Cluster, rep: int) -> dict:
     direct = Writer([facts.nodes[1].pg_primary], account.username, account.password, facts.airflow_db, run_id=run_id)
     pooled = PooledWriter([facts.nodes[1].pooler], account.username, account.password, facts.airflow_db,
                           run_id=run_id + 1)
-    slow = LongTransactions(facts.nodes[2].pooler, account, facts.airflow_db)
+    slow = LongTransactions(facts.nodes[2].pooler, account.username, account.password, facts.airflow_db)
     direct.ensure_table()
     for client in (direct, pooled, slow):
         client.start()
@@ -97,8 +62,7 @@ def one_switchover(cluster: Cluster, rep: int) -> dict:
     steps = cluster.switchover()
     time.sleep(5)
     logs = {"direct": direct.stop(), "pooled": pooled.stop()}
-    slow.halt.set()
-    slow.join(30)
+    slow.stop()
     clients = {}
     for name, log in logs.items():
         errors = [k for t, k in log.errors if t >= t0]

@@ -720,7 +720,6 @@ class Cluster:
         # the demotion's own checkpoint then has little left to write
         postgres.checkpoint(self.facts, self.secrets)
         paused = pgbouncer.pause_all(self.facts, self.secrets, self.spec.pooler.pause_timeout_s)
-        poolers_paused = list(paused)
         self._say_unpaused(paused)
         paused_s = time.monotonic() - t0
         resumed_s = None
@@ -734,10 +733,10 @@ class Cluster:
                     haproxy.route_all_to(self.facts, self.secrets, candidate)
                     postgres.await_writable(self.facts.node(candidate).pg_primary, self.secrets)
                     pgbouncer.resume(self.facts, self.secrets, paused)
-                    resumed_s, paused = time.monotonic() - t0, []
+                    resumed_s = time.monotonic() - t0
                 request.result()  # Patroni's refusal or failure, as before
         finally:
-            if paused and pgbouncer.resume(self.facts, self.secrets, paused):
+            if resumed_s is None and paused and pgbouncer.resume(self.facts, self.secrets, paused):
                 self.say("a pooler did not take RESUME; `haflow up` resumes it")
 
         def routed() -> LayerStatus:
@@ -751,7 +750,7 @@ class Cluster:
         routed_s = time.monotonic() - t0
         moved = etcd.move_leader_away(self.facts, candidate)
         return {"from": leader, "to": candidate, "elapsed_s": round(time.monotonic() - t0, 1),
-                "poolers_paused": poolers_paused, "paused_s": round(paused_s, 2), "promoted_s": None if promoted_s is None else round(promoted_s, 2),
+                "poolers_paused": paused, "paused_s": round(paused_s, 2), "promoted_s": None if promoted_s is None else round(promoted_s, 2),
                 "resumed_s": None if resumed_s is None else round(resumed_s, 2), "routed_s": round(routed_s, 2),
                 "etcd_leader_moved_to": moved}
 

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ import yaml
 
 from haflow.cluster import Cluster
 from haflow.components import etcd, haproxy, patroni
-from haflow.drills.writer import PooledWriter, Writer, lost_writes
+from haflow.drills.writer import LongTransactions, PooledWriter, Writer, lost_writes
 from haflow.spec import default_spec_text, load_spec
 
 pytestmark = pytest.mark.integration
@@ -236,38 +235,6 @@ def test_a_parameter_that_needs_a_restart_rolls_node_by_node_under_writes(env):
     assert json.loads(haflow(env, "up", "--json", "--no-smoke").stdout)["up"]["changed"] == []
 
 
-class LongTransactions(threading.Thread):
-    """Transactions of 0.3 s each through a pooler, back to back; the errors they met."""
-
-    def __init__(self, endpoint: str, account, dbname: str) -> None:
-        super().__init__(daemon=True)
-        self.endpoint, self.account, self.dbname = endpoint, account, dbname
-        self.halt, self.errors, self.done = threading.Event(), [], 0
-
-    def run(self) -> None:
-        host, port = self.endpoint.rsplit(":", 1)
-        conn = None
-        while not self.halt.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(host=host, port=int(port), user=self.account.username,
-                                           password=self.account.password, dbname=self.dbname,
-                                           connect_timeout=5, prepare_threshold=None)
-                with conn.transaction():
-                    conn.execute("SELECT pg_sleep(0.3)")
-                self.done += 1
-            except psycopg.Error as e:
-                self.errors.append(type(e).__name__)
-                conn = None
-        if conn is not None:
-            conn.close()
-
-    def stop(self) -> list[str]:
-        self.halt.set()
-        self.join(30)
-        return self.errors
-
-
 def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_writes(env):
     cluster: Cluster = env["cluster"]
     facts = cluster.facts
@@ -291,7 +258,7 @@ def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_
     pooled.ensure_table()
     # ... and one whose transactions take 0.3 s, like a scheduler's: one is open whenever the
     # primary stops, and without the pause it dies with it (AdminShutdown, seen once)
-    slow = LongTransactions(facts.nodes[2].pooler, account, facts.airflow_db)
+    slow = LongTransactions(facts.nodes[2].pooler, account.username, account.password, facts.airflow_db)
     writer.start()
     pooled.start()
     slow.start()
@@ -305,7 +272,7 @@ def test_switchover_refuses_unsafe_targets_and_moves_the_primary_without_losing_
     assert result["poolers_paused"] == facts.node_names, result
     # the pooled clients saw no error: their queries waited and went on on the new primary
     assert [e for e in plog.errors if e[0] >= started] == [], plog.errors
-    assert slow_errors == [] and slow.done > 10, (slow_errors, slow.done)
+    assert slow_errors == [] and len(slow.commits) > 10, (slow_errors, len(slow.commits))
     assert len([t for t in plog.ack_times if t > done]) > 10
     assert result["paused_s"] < result["promoted_s"] <= result["resumed_s"] <= result["routed_s"], result
     assert lost_writes(plog, facts.nodes[0].pg_primary, account.username, account.password, facts.airflow_db) == []

@@ -122,19 +122,24 @@ def dag_processor_key(facts: ClusterFacts) -> str:
     return etcd.dag_processor_key(facts)
 
 
-def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, str]:
-    spec = facts.spec
-    af = spec.airflow
-    db = secrets["postgres_airflow"]
-    mq = secrets["rabbitmq_airflow"]
-    h = home(layout)
+def database_url(facts: ClusterFacts, secrets: Secrets, endpoint: str, scheme: str = "postgresql+psycopg") -> str:
+    """The airflow role's URL of the Airflow database at `endpoint` (HOST:PORT: a pooler, or a
+    balancer's read-write port)."""
     # connect_timeout: a connection opened through the local balancer in the second or two
     # between the primary's server dying and its health check failing hangs there without any
     # timer (HAProxy 3.0; measured on the lab: surviving schedulers and triggerers stalled
     # ~130 s after a power-off); libpq gives up on it and the pool opens another.
-    direct = f"{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
+    db = secrets["postgres_airflow"]
+    return f"{scheme}://{db.username}:{db.password}@{endpoint}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
+
+
+def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, str]:
+    spec = facts.spec
+    af = spec.airflow
+    mq = secrets["rabbitmq_airflow"]
+    h = home(layout)
     # Airflow's own connections go through the node's pooler (components/pgbouncer.py)
-    sql = f"postgresql+psycopg://{db.username}:{db.password}@{node.pooler}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
+    sql = database_url(facts, secrets, node.pooler)
     return {
         "AIRFLOW_HOME": str(h),
         "HOME": str(h),
@@ -192,7 +197,7 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": f"{CONFIG_MODULE}.CELERY_CONFIG",
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__CONFIRM_PUBLISH": "True",
         # Where the canary DAG's tasks record their executions (haflow drill).
-        "HAFLOW_CANARY_DSN": f"postgresql://{direct}",
+        "HAFLOW_CANARY_DSN": database_url(facts, secrets, node.pg_primary, scheme="postgresql"),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(layout.task_logs),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(facts.worker_log_port(node.name)),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(facts.trigger_log_port(node.name)),
@@ -202,8 +207,7 @@ def env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secre
 def migrate_env(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Secrets) -> dict[str, str]:
     """`airflow db migrate` holds a session-level advisory lock, which a transaction pooler
     cannot keep: it goes straight to the node's balancer."""
-    db = secrets["postgres_airflow"]
-    direct = f"postgresql+psycopg://{db.username}:{db.password}@{node.pg_primary}/{facts.airflow_db}?connect_timeout={DB_CONNECT_TIMEOUT_S}"
+    direct = database_url(facts, secrets, node.pg_primary)
     return {**env(facts, node, layout, secrets), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": direct,
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": direct}
 

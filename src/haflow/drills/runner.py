@@ -200,8 +200,9 @@ def run_drill(cluster: Cluster, name: str, opts: DrillOptions | None = None, say
         rows = canary.executions(conn, prefix)
         tis = canary.task_instances(conn, prefix)
         tries = canary.retries(conn, prefix)
-        lost = [w for log in (wlog, plog) for w in lost_writes(log, postgres.live_primary_endpoint(cluster.facts),
-                                                               account.username, account.password, cluster.facts.airflow_db)]
+        primary = postgres.live_primary_endpoint(cluster.facts)
+        lost = [w for log in (wlog, plog)
+                for w in lost_writes(log, primary, account.username, account.password, cluster.facts.airflow_db)]
     extra: dict[str, Any] = {}
     extra_violations: list[str] = []
     if on_victim is not None:

@@ -42,6 +42,8 @@ class WriteLog:
 
 
 class Writer(threading.Thread):
+    CONNECT_ARGS: dict = {}  # extra psycopg.connect arguments of this kind of client
+
     def __init__(self, endpoints: list[str], user: str, password: str, dbname: str, run_id: int,
                  interval_s: float = 0.05, connect_timeout_s: int = 2) -> None:
         super().__init__(daemon=True, name="haflow-writer")
@@ -57,7 +59,7 @@ class Writer(threading.Thread):
         host, port = endpoint.rsplit(":", 1)
         return psycopg.connect(host=host, port=int(port), user=self.user, password=self.password,
                                dbname=self.dbname, connect_timeout=self.connect_timeout_s, autocommit=True,
-                               **DEAD_PEER_FAILS_FAST)
+                               **DEAD_PEER_FAILS_FAST, **self.CONNECT_ARGS)
 
     def ensure_table(self) -> None:
         with self._connect(self.endpoints[0]) as conn:
@@ -121,8 +123,41 @@ class PooledWriter(Writer):
     """The writer through the nodes' poolers (PgBouncer, transaction pooling): no server-side
     prepared statements, which such a pooler cannot route, as any of its clients must."""
 
-    def _connect(self, endpoint: str) -> psycopg.Connection:
-        host, port = endpoint.rsplit(":", 1)
-        return psycopg.connect(host=host, port=int(port), user=self.user, password=self.password,
-                               dbname=self.dbname, connect_timeout=self.connect_timeout_s, autocommit=True,
-                               prepare_threshold=None, **DEAD_PEER_FAILS_FAST)
+    CONNECT_ARGS = {"prepare_threshold": None}
+
+
+class LongTransactions(threading.Thread):
+    """Transactions of 0.3 s each through a pooler, back to back, like a scheduler's loop: one is
+    open whenever the primary stops. Keeps the time of each commit and of each error."""
+
+    def __init__(self, endpoint: str, user: str, password: str, dbname: str) -> None:
+        super().__init__(daemon=True, name="haflow-long-transactions")
+        self.endpoint, self.user, self.password, self.dbname = endpoint, user, password, dbname
+        self.halt = threading.Event()
+        self.commits: list[float] = []
+        self.errors: list[tuple[float, str]] = []
+
+    def run(self) -> None:
+        host, port = self.endpoint.rsplit(":", 1)
+        conn = None
+        while not self.halt.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(host=host, port=int(port), user=self.user, password=self.password,
+                                           dbname=self.dbname, connect_timeout=5, **PooledWriter.CONNECT_ARGS)
+                with conn.transaction():
+                    conn.execute("SELECT pg_sleep(0.3)")
+                self.commits.append(time.time())
+            except psycopg.Error as e:
+                self.errors.append((time.time(), type(e).__name__))
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> list[tuple[float, str]]:
+        self.halt.set()
+        self.join(30)
+        return self.errors
+
+    def longest_gap(self) -> float:
+        return max((b - a for a, b in zip(self.commits, self.commits[1:])), default=0.0)
