@@ -9,13 +9,14 @@ PostgreSQL backend to "postgresql", not to Patroni that started it; the dag-proc
 apart from the dag-processor it runs). Appends one run to bench/results/idle.json (every earlier
 run is kept, by label) and writes the idle section of docs/benchmarks.md.
 
-    .venv/bin/python bench/bench_idle.py --label before [--window 60] [--settle 120] [-f SPEC]
+    .venv/bin/python bench/bench_idle.py --label before [--window 60] [--windows 3] [--settle 120] [-f SPEC]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -116,6 +117,25 @@ def measure(cluster, window_s: float) -> dict:
     return {"kinds": rows, "total": total, "processes_gone_during_window": len(set(start) - set(end))}
 
 
+def measure_windows(cluster, window_s: float, windows: int) -> dict:
+    """`windows` consecutive windows: per kind the median CPU and the last PSS; the total CPU of
+    every window is kept (one window moves by a fifth from run to run on this machine)."""
+    each = [measure(cluster, window_s) for _ in range(windows)]
+    if windows == 1:
+        return each[0]
+    last = each[-1]["kinds"]
+    rows = {kind: {"processes": last[kind]["processes"],
+                   "cpu_pct_of_one_core": round(statistics.median(w["kinds"].get(kind, {}).get("cpu_pct_of_one_core", 0.0) for w in each), 2),
+                   "pss_mib": last[kind]["pss_mib"]} for kind in sorted(last)}
+    per_window = [w["total"]["cpu_pct_of_one_core"] for w in each]
+    total = {"processes": sum(r["processes"] for r in rows.values()),
+             "cpu_pct_of_one_core": round(statistics.median(per_window), 2),
+             "cpu_pct_of_one_core_per_window": per_window,
+             "pss_mib": round(sum(r["pss_mib"] for r in rows.values()), 1)}
+    return {"kinds": rows, "total": total, "windows": windows,
+            "processes_gone_during_window": sum(w["processes_gone_during_window"] for w in each)}
+
+
 def per_kind_table(runs: list[dict]) -> list[str]:
     """CPU % of one core / PSS MiB of every kind in every run: where each change took effect."""
     kinds = sorted({k for r in runs for k in r["kinds"]}, key=lambda k: -runs[-1]["kinds"].get(k, {}).get("cpu_pct_of_one_core", 0))
@@ -129,6 +149,13 @@ def per_kind_table(runs: list[dict]) -> list[str]:
             *[f"| {k} | " + " | ".join(cell(r, k) for r in runs) + " |" for k in kinds], ""]
 
 
+def cpu_cell(run: dict) -> str:
+    """The run's CPU; with several windows, their median and every window's figure."""
+    t = run["total"]
+    each = t.get("cpu_pct_of_one_core_per_window")
+    return f"{t['cpu_pct_of_one_core']} %" + (f" (median of {len(each)} windows: {', '.join(map(str, each))})" if each else "")
+
+
 def write_section(results: dict) -> None:
     runs = results["runs"]
     latest = runs[-1]
@@ -137,7 +164,7 @@ def write_section(results: dict) -> None:
         "",
         f"Measured by `bench/bench_idle.py`: the running cluster ({latest['cluster']}, {latest['nodes']} nodes "
         f"on this machine) up for {latest['up_for_s']:.0f} s, over a {latest['window_s']:.0f} s window; "
-        f"every process attributed to the service whose process tree holds it. One window per run; raw data "
+        f"every process attributed to the service whose process tree holds it. {latest.get('windows', 1)} window(s) in the latest run (CPU: per kind the median); raw data "
         f"in `bench/results/idle.json`. Latest run: `{latest['label']}` ({latest['at']}).",
         "",
         "| kind | processes | CPU, % of one core | PSS |",
@@ -149,7 +176,7 @@ def write_section(results: dict) -> None:
     lines += [f"| **total** | {t['processes']} | **{t['cpu_pct_of_one_core']} %** | **{t['pss_mib']} MiB** |", ""]
     if len(runs) > 1:
         lines += ["Every run (before and after each change):", "", "| run | when | CPU, % of one core | PSS |", "|---|---|---|---|"]
-        lines += [f"| `{r['label']}` | {r['at']} | {r['total']['cpu_pct_of_one_core']} % | {r['total']['pss_mib']} MiB |"
+        lines += [f"| `{r['label']}` | {r['at']} | {cpu_cell(r)} | {r['total']['pss_mib']} MiB |"
                   for r in runs]
         lines.append("")
         lines += per_kind_table(runs)
@@ -160,6 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", required=True, help="what this run measures, e.g. before, after-etcd-heartbeat")
     ap.add_argument("--window", type=float, default=60)
+    ap.add_argument("--windows", type=int, default=1, help="consecutive windows; CPU is their median")
     ap.add_argument("--settle", type=float, default=120, help="wait this long first (a cluster just up is busy)")
     ap.add_argument("-f", "--file", type=Path, default=None, help="cluster spec (default: the embedded one)")
     ap.add_argument("--state-dir", type=Path, default=None)
@@ -171,7 +199,7 @@ def main() -> None:
     time.sleep(args.settle)
     run = {"label": args.label, "at": utc_now(), "cluster": cluster.facts.name,
            "nodes": len(cluster.facts.node_names), "up_for_s": up_for(cluster), "window_s": args.window,
-           **measure(cluster, args.window)}
+           **measure_windows(cluster, args.window, args.windows)}
     results = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
     results["runs"].append(run)
     results["summary"] = {"latest": run["label"], "total": run["total"]}

@@ -291,6 +291,9 @@ class Airflow(_Strict):
     version: str = "3.3.2"
     dags: str | None = None  # a DAG folder (relative to the spec); None: the shipped examples
     worker_concurrency: _bounded(1, 64) = 3
+    # task processes a worker keeps while idle; it forks more, up to worker_concurrency, as
+    # tasks arrive (Celery's autoscaler), and lets them go after 30 s idle: each is ~75 MiB
+    worker_idle_processes: _bounded(1, 64) = 1
     api_workers: _bounded(1, 16, hint="uvicorn workers, ~290 MiB each") = 1
     parallelism: _bounded(1, 1024) = 32
     task_execution_timeout_s: _bounded(1, 30 * DAY - 60, " s") = 6 * 3600  # the longest a task may run
@@ -314,6 +317,14 @@ class Airflow(_Strict):
         if v not in shipped:
             raise ValueError(f"Airflow {v}: haflow ships a constraints file only for {', '.join(shipped)}; use one of those")
         return v
+
+    @model_validator(mode="after")
+    def _idle_processes(self) -> "Airflow":
+        if self.worker_idle_processes > self.worker_concurrency:
+            raise ValueError(
+                f"worker_idle_processes ({self.worker_idle_processes}) exceeds worker_concurrency "
+                f"({self.worker_concurrency}); lower it or raise worker_concurrency")
+        return self
 
     @field_validator("dags")
     @classmethod

@@ -250,6 +250,27 @@ def test_etcd_refuses_anonymous_writes_and_confines_each_service_user(env):
     assert wrong.status_code != 200
 
 
+def etcd_proposals_per_s(cluster: Cluster, window_s: float = 15.0) -> float:
+    """Writes etcd's log commits per second (every member commits each one and fsyncs it)."""
+    url = f"{cluster.facts.etcd_members[0].etcd_client_url}/metrics"
+
+    def committed() -> float:
+        line = next(l for l in httpx.get(url, timeout=5).text.splitlines()
+                    if l.startswith("etcd_server_proposals_committed_total"))
+        return float(line.split()[-1])
+
+    before = committed()
+    time.sleep(window_s)
+    return (committed() - before) / window_s
+
+
+def test_an_idle_cluster_writes_almost_nothing_to_etcd(env):
+    # Patroni's leader and member keys, once per loop_wait each (~0.4/s); the dag-processor's
+    # standby electors only read its key (they wrote three entries a second each: 6.4/s)
+    rate = etcd_proposals_per_s(env["cluster"])
+    assert rate < 1.5, f"etcd commits {rate:.1f} proposals/s on an idle cluster"
+
+
 def test_ui_and_api_log_in_through_the_fab_auth_manager(env):
     cluster: Cluster = env["cluster"]
     admin = cluster.secrets["airflow_admin"]

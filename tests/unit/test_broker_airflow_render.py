@@ -195,14 +195,19 @@ def test_an_airflow_database_connection_gives_up_on_a_balancer_that_accepts_and_
 # --- the partition guard (data/rabbitmq_guard.py) --------------------------------------------
 
 
-def _guard_module():
+def _data_module(script: str):
+    """A script haflow installs on the nodes (src/haflow/data), loaded as a module."""
     import importlib.util
     from importlib import resources
-    path = resources.files("haflow").joinpath("data", rabbitmq.GUARD_SCRIPT)
-    spec = importlib.util.spec_from_file_location("rabbitmq_guard", str(path))
+    path = resources.files("haflow").joinpath("data", script)
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), str(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _guard_module():
+    return _data_module(rabbitmq.GUARD_SCRIPT)
 
 
 def test_the_partition_guard_runs_beside_each_rabbitmq_node_with_its_password_out_of_argv(tmp_path):
@@ -309,3 +314,60 @@ def test_airflow_processes_skip_the_final_garbage_collection_and_keep_exit_codes
     assert plain.returncode == fast.returncode == 3
     assert "collected" in plain.stdout and "atexit ran" in plain.stdout
     assert "collected" not in fast.stdout and "atexit ran" in fast.stdout, fast
+
+
+def test_an_idle_worker_keeps_one_task_process_and_grows_to_its_concurrency(tmp_path):
+    """Idle, each worker held worker_concurrency forked task processes of ~75 MiB each
+    (docs/benchmarks.md, idle); Celery's autoscaler keeps worker_idle_processes of them."""
+    argv = list(service(cluster(tmp_path), "node1", airflow.WORKER).argv)
+    assert argv[argv.index("--autoscale") + 1] == "3,1" and argv[argv.index("--concurrency") + 1] == "3"
+    fixed = list(service(cluster(tmp_path / "b", worker_idle_processes=3), "node1", airflow.WORKER).argv)
+    assert "--autoscale" not in fixed  # as many idle as busy: a fixed pool
+
+
+def test_idle_task_processes_cannot_exceed_the_concurrency():
+    data = yaml.safe_load(default_spec_text())
+    data["airflow"] = {"worker_concurrency": 2, "worker_idle_processes": 3}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert any("worker_idle_processes (3) exceeds worker_concurrency (2)" in l for l in e.value.details), e.value.details
+
+
+class _FakeEtcd:
+    """The elector's etcd client, recording each call; the key is held by node1 until `free`."""
+
+    def __init__(self, holder: str | None):
+        self.holder, self.calls = holder, []
+
+    def post(self, path: str, body: dict) -> dict:
+        self.calls.append(path)
+        if path == "/v3/kv/range":
+            return {"kvs": [{"value": base64.b64encode(self.holder.encode()).decode()}]} if self.holder else {}
+        if path == "/v3/lease/grant":
+            return {"ID": "7"}
+        if path == "/v3/kv/txn":
+            return {"succeeded": self.holder is None}
+        return {}
+
+
+def test_a_standby_elector_only_reads_the_key_and_races_once_it_is_gone(monkeypatch):
+    """Each race is three entries in etcd's log (grant, txn, revoke) on every member; standbys
+    raced every second, most of an idle cluster's etcd work (6.4 commits/s, docs/benchmarks.md)."""
+    mod = _data_module(airflow.ELECTOR)
+    etcd = _FakeEtcd(holder="node1")
+    elector = mod.Elector(etcd, "/k", "node2", 10, ["true"])
+    ticks = []
+
+    def sleep(_s):
+        ticks.append(1)
+        if len(ticks) == 3:
+            etcd.holder = None  # node1's lease expired
+        if len(ticks) == 5:
+            elector.stopping = True
+
+    monkeypatch.setattr(mod.time, "sleep", sleep)
+    monkeypatch.setattr(mod.Elector, "lead", lambda self: setattr(self, "stopping", True))
+    elector.run()
+    first_race = etcd.calls.index("/v3/lease/grant")
+    assert set(etcd.calls[:first_race]) == {"/v3/kv/range"} and first_race == 4, etcd.calls
+    assert etcd.calls[first_race:] == ["/v3/lease/grant", "/v3/kv/txn"] and elector.lease == "7"

@@ -23,6 +23,7 @@ from haflow.components import etcd, haproxy, rabbitmq
 from haflow.components.base import DesiredState, Directory, File, LayerStatus, Needs, Service, Venv, data_text
 from haflow.facts import ClusterFacts, NodeFacts, NodeLayout
 from haflow.secrets import Secrets
+from haflow.spec import Airflow
 
 NAME = "airflow"  # the component; its services are these:
 API = "airflow-api-server"
@@ -225,6 +226,15 @@ def worker_env(full: dict[str, str], layout: NodeLayout) -> dict[str, str]:
     return {k: own.get(k, v) for k, v in full.items() if k not in WORKER_WITHHELD}
 
 
+def autoscale(af: Airflow) -> list[str]:
+    """Celery's autoscaler keeps `worker_idle_processes` task processes while idle and forks up
+    to `worker_concurrency` as tasks arrive; it prefetches for the full concurrency, so the pool
+    grows within its one-second tick (docs/benchmarks.md, idle)."""
+    if af.worker_idle_processes >= af.worker_concurrency:
+        return []
+    return ["--autoscale", f"{af.worker_concurrency},{af.worker_idle_processes}"]
+
+
 FAB_ADMIN_SCRIPT = "fab_admin.py"
 
 
@@ -295,7 +305,7 @@ def render(facts: ClusterFacts, node: NodeFacts, layout: NodeLayout, secrets: Se
             svc(TRIGGERER, [airflow, "triggerer", *skip_logs], stop_timeout_s=60),
             # Warm shutdown lets running tasks finish: the grace period is as long as a task may run.
             svc(WORKER, [airflow, "celery", "worker", "--celery-hostname", worker_name(facts, node.name),
-                         "--queues", QUEUE, "--concurrency", str(af.worker_concurrency),
+                         "--queues", QUEUE, "--concurrency", str(af.worker_concurrency), *autoscale(af),
                          "--without-gossip", "--without-mingle", *skip_logs],  # Airflow uses neither
                 stop_timeout_s=min(af.task_execution_timeout_s, 600), environment=worker_env(e, layout),
                 as_user=worker_user, cwd=wh),

@@ -7,9 +7,11 @@ this elector on every node; the candidates race for a key in etcd bound to a lea
 - the winner starts the command and keeps the lease alive every ttl/3 seconds;
 - if it cannot renew the lease before it would expire, it stops the command at once (another
   node may take over after the TTL), and competes again;
-- losers poll the key every second; when the winner's node dies, its lease expires after at most
-  `ttl` seconds (plus an etcd election if the dead node held etcd's leadership), the key vanishes
-  and one loser wins.
+- losers read the key every second and race again only once it is gone: a read is no write in
+  etcd's log, while each attempt is three (grant, txn, revoke), fsynced on every member, which
+  was most of an idle cluster's etcd work (docs/benchmarks.md, idle);
+- when the winner's node dies, its lease expires after at most `ttl` seconds (plus an etcd
+  election if the dead node held etcd's leadership), the key vanishes and one loser wins.
 
 So a takeover after a node loss is bounded by ttl + 1 s (+ etcd election) + the command's start.
 The key's value is the winning node's name: `haflow status` shows it.
@@ -155,10 +157,11 @@ class Elector:
         holder_seen = None
         while not self.stopping:
             try:
-                if self.try_acquire():
+                holder = self._holder()
+                if holder is None and self.try_acquire():
                     self.lead()
                     continue
-                holder = self._holder()
+                holder = holder or self._holder()  # another candidate won the race
                 if holder != holder_seen:
                     log(f"standing by: {holder} holds {self.key}")
                     holder_seen = holder
