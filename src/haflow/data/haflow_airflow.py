@@ -34,6 +34,8 @@ CELERY_CONFIG = {
     # After a reconnect Celery lowers the prefetch count and, with quorum queues (no global
     # QoS), it came back only slowly: tasks ran one at a time (P-A3).
     "worker_enable_prefetch_count_reduction": False,
+    # with `--autoscale` (airflow.worker_idle_processes): see IdleAutoscaler below
+    "worker_autoscaler": "haflow_airflow:IdleAutoscaler",
 }
 
 # Celery >= 5.5 turns on "native delayed delivery" when it detects quorum queues: 28 extra quorum
@@ -120,3 +122,20 @@ def _start_and_watch(self, c):
 
 
 _pidbox.Pidbox.start = _start_and_watch
+
+
+# Celery's autoscaler lets a grown pool shrink `keepalive` (30 s) after its last growth, busy or
+# not: in a stream of short tasks it stopped a process at the first moment fewer tasks were
+# waiting than processes ran, and forked a new one for the next task (the HA cluster's 100 no-op
+# tasks went from 9.7 to 7 tasks/s from one run to the next: docs/benchmarks.md). This one
+# shrinks only after `keepalive` seconds in which no task needed more than the idle processes.
+from time import monotonic as _monotonic  # noqa: E402
+
+from celery.worker.autoscale import Autoscaler as _Autoscaler  # noqa: E402
+
+
+class IdleAutoscaler(_Autoscaler):
+    def _maybe_scale(self, req=None):
+        if self.qty > self.min_concurrency:
+            self._last_scale_up = _monotonic()  # what Autoscaler.scale_down measures from
+        return super()._maybe_scale(req)
