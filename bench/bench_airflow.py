@@ -218,7 +218,8 @@ def main() -> None:
         if earlier:  # keep the start-up timings of the earlier run; re-measure the rest
             for key in ("cold_up_to_example_dag_s", "stopped_to_healthy_s", "example_dag_runs"):
                 results[key] = earlier[key]
-            results["startup_measured_on"] = earlier["meta"].get("startup_measured_on", earlier["meta"]["date"])
+            # the first run that measured them (a --skip-startup run keeps its date)
+            results["startup_measured_on"] = earlier["meta"].get("startup_measured_on") or earlier["meta"]["date"]
             cluster.up(smoke=True)
         for i in range(0 if earlier else args.reps):
             print(f"cold up {i + 1}/{args.reps}", flush=True)
