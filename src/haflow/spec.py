@@ -292,7 +292,8 @@ class Airflow(_Strict):
     dags: str | None = None  # a DAG folder (relative to the spec); None: the shipped examples
     worker_concurrency: _bounded(1, 64) = 3
     # task processes a worker keeps while idle; it forks more, up to worker_concurrency, as
-    # tasks arrive (Celery's autoscaler), and lets them go after 30 s idle: each is ~75 MiB
+    # tasks arrive (Celery's autoscaler), and lets them go after 30 s without demand: each
+    # holds ~100 MiB once it has run a task
     worker_idle_processes: _bounded(1, 64) = 1
     api_workers: _bounded(1, 16, hint="uvicorn workers, ~290 MiB each") = 1
     parallelism: _bounded(1, 1024) = 32

@@ -228,8 +228,9 @@ def worker_env(full: dict[str, str], layout: NodeLayout) -> dict[str, str]:
 
 def autoscale(af: Airflow) -> list[str]:
     """Celery's autoscaler keeps `worker_idle_processes` task processes while idle and forks up
-    to `worker_concurrency` as tasks arrive; it prefetches for the full concurrency, so the pool
-    grows within its one-second tick (docs/benchmarks.md, idle)."""
+    to `worker_concurrency` as task messages arrive (the worker prefetches for the full
+    concurrency); haflow_airflow.IdleAutoscaler lets the extra ones go after 30 s without demand
+    (docs/benchmarks.md, idle and throughput)."""
     if af.worker_idle_processes >= af.worker_concurrency:
         return []
     return ["--autoscale", f"{af.worker_concurrency},{af.worker_idle_processes}"]

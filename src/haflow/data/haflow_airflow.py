@@ -6,7 +6,8 @@
 - a fix for Airflow's subprocess supervisor sleeping out its whole timeout after its child exited
   (every Airflow process reads this module for its hostname, so the fix is in place in each);
 - a Celery worker declares its control ("pidbox") queue again when a broker node's death took
-  it away, so it keeps answering pings.
+  it away, so it keeps answering pings;
+- IdleAutoscaler: a worker's pool shrinks only after 30 s without demand.
 """
 
 import os
