@@ -251,7 +251,7 @@ def test_etcd_refuses_anonymous_writes_and_confines_each_service_user(env):
 
 
 def etcd_proposals_per_s(cluster: Cluster, window_s: float = 15.0) -> float:
-    """Writes etcd's log commits per second (every member commits each one and fsyncs it)."""
+    """Entries etcd commits to its log per second (every member writes and fsyncs each one)."""
     url = f"{cluster.facts.etcd_members[0].etcd_client_url}/metrics"
 
     def committed() -> float:

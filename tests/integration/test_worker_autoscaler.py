@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 # A pool of 1..3 processes; the clock and the tasks waiting are the probe's to set.
 PROBE = """
-import json, sys
+import json
 from celery.worker import autoscale, state
 import haflow_airflow
 

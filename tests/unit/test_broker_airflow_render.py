@@ -317,7 +317,7 @@ def test_airflow_processes_skip_the_final_garbage_collection_and_keep_exit_codes
 
 
 def test_an_idle_worker_keeps_one_task_process_and_grows_to_its_concurrency(tmp_path):
-    """Idle, each worker held worker_concurrency forked task processes of ~75 MiB each
+    """Idle, each worker held worker_concurrency forked task processes of ~100 MiB each
     (docs/benchmarks.md, idle); Celery's autoscaler keeps worker_idle_processes of them."""
     argv = list(service(cluster(tmp_path), "node1", airflow.WORKER).argv)
     assert argv[argv.index("--autoscale") + 1] == "3,1" and argv[argv.index("--concurrency") + 1] == "3"
@@ -334,7 +334,8 @@ def test_idle_task_processes_cannot_exceed_the_concurrency():
 
 
 class _FakeEtcd:
-    """The elector's etcd client, recording each call; the key is held by node1 until `free`."""
+    """The elector's etcd client, recording each call; the key is held by `holder` until a test
+    sets it to None (the holder's lease expired)."""
 
     def __init__(self, holder: str | None):
         self.holder, self.calls = holder, []
