@@ -358,26 +358,58 @@ def test_run_survives_killing_an_api_server(env):
     wait_healthy(env)
 
 
-def test_a_worker_whose_control_queue_vanished_declares_it_again_and_answers(env):
-    """What a broker node's death can leave behind: the worker reconnected and declared its pidbox
-    queue while the surviving nodes were still cleaning up the dead node's transient queues, and
-    the clean-up removed it. The queue's record goes, its consumer is never told (as then), and
-    the worker must notice and answer pings again."""
-    cluster: Cluster = env["cluster"]
-    facts = cluster.facts
-    worker = airflow.worker_name(facts, "node2")
-    peer = "node1"
-    layout = cluster.host.layout(peer)
-    expr = (f'rabbit_amqqueue:internal_delete(rabbit_misc:r(<<"{rabbitmq.VHOST}">>, queue, '
-            f'<<"{worker}.celery.pidbox">>), <<"haflow-test">>).')
-    rc, out = cluster.host.run(peer, [str(rabbitmq.CTL), "-n", facts.rabbit_node_name(peer), "eval", expr],
+def rabbitmqctl(cluster: Cluster, peer: str, *argv: str) -> str:
+    facts, layout = cluster.facts, cluster.host.layout(peer)
+    rc, out = cluster.host.run(peer, [str(rabbitmq.CTL), "-n", facts.rabbit_node_name(peer), *argv],
                                rabbitmq.env(facts, facts.node(peer), layout), timeout=60,
                                user=layout.user(rabbitmq.NAME), cwd=Path("/"))
-    assert rc == 0 and out.strip().splitlines()[-1] == "ok", out
-    deadline = time.time() + 60
-    while worker not in airflow.ping_workers(facts, cluster.secrets):
-        assert time.time() < deadline, f"{worker} never answered again after its control queue vanished"
+    assert rc == 0, out
+    return out
+
+
+def delete_control_queue(cluster: Cluster, peer: str, worker: str) -> None:
+    """What a broker node's death can leave behind: the queue's record goes, its consumer is
+    never told."""
+    expr = (f'rabbit_amqqueue:internal_delete(rabbit_misc:r(<<"{rabbitmq.VHOST}">>, queue, '
+            f'<<"{worker}.celery.pidbox">>), <<"haflow-test">>).')
+    assert rabbitmqctl(cluster, peer, "eval", expr).strip().splitlines()[-1] == "ok"
+
+
+def wait_answers(cluster: Cluster, worker: str, timeout: float, why: str) -> None:
+    deadline = time.time() + timeout
+    while worker not in airflow.ping_workers(cluster.facts, cluster.secrets):
+        assert time.time() < deadline, f"{worker} never answered again after {why}"
         time.sleep(1)
+
+
+def test_a_worker_whose_control_queue_vanished_declares_it_again_and_answers(env):
+    """The worker reconnected and declared its pidbox queue while the surviving nodes were still
+    cleaning up a dead node's transient queues, and the clean-up removed it: the worker must
+    notice and answer pings again."""
+    cluster: Cluster = env["cluster"]
+    worker = airflow.worker_name(cluster.facts, "node2")
+    delete_control_queue(cluster, "node1", worker)
+    wait_answers(cluster, worker, 60, "its control queue vanished")
+
+
+def test_a_worker_keeps_declaring_its_control_queue_until_the_broker_takes_it(env):
+    """The first declarations after the queue vanished are refused (as while a stopped broker
+    node's old record lingers): a failed attempt leaves no consumer, and the worker must try
+    again rather than stay deaf for good (a CI run's lab worker never answered again)."""
+    cluster: Cluster = env["cluster"]
+    worker = airflow.worker_name(cluster.facts, "node2")
+    user = cluster.secrets["rabbitmq_airflow"].username
+    rabbitmqctl(cluster, "node1", "set_permissions", "-p", rabbitmq.VHOST, user, "^$", ".*", ".*")  # no declaring
+    try:
+        delete_control_queue(cluster, "node1", worker)
+        time.sleep(3 * 5)  # the worker's check (every 5 s) finds the queue gone and is refused
+        queues = rabbitmqctl(cluster, "node1", "list_queues", "-p", rabbitmq.VHOST, "name", "--silent").split()
+        assert f"{worker}.celery.pidbox" not in queues, queues  # the fault took effect
+    finally:
+        rabbitmqctl(cluster, "node1", "set_permissions", "-p", rabbitmq.VHOST, user, ".*", ".*", ".*")
+    log = (cluster.host.layout("node2").logs / f"{airflow.WORKER}.log").read_text(errors="replace")
+    wait_answers(cluster, worker, 60, f"its declarations were refused for 15 s\n{log[-2000:]}")
+    assert "declaring the control queue of" in log and "failed" in log, log[-2000:]  # it was refused, then retried
 
 
 def test_dag_processor_moves_when_its_node_dies_and_parses_new_dags(env):

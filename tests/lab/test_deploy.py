@@ -9,6 +9,7 @@ The tests run in order on one lab (module scope); each later test needs the earl
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -37,13 +38,18 @@ def on(host: str, command: str) -> str:
     return asyncio.run(Lab().run_on(host, command))
 
 
-def journal_tails(hosts: list[str], unit: str, lines: int = 30) -> str:
-    """The last lines of a unit's journal on each host, for a failure's message (the lab and its
-    journals are gone once the module ends)."""
+def journal_tails(hosts: list[str], unit: str, lines: int = 30, grep: str | None = None) -> str:
+    """The last lines of a unit's journal on each host (only those matching `grep`, an extended
+    regular expression, if given), for a failure's message (the lab and its journals are gone
+    once the module ends)."""
+    command = f"journalctl -u '{unit}' -n {lines} --no-pager -o short-iso"
+    if grep:
+        command = (f"journalctl -u '{unit}' -n 3000 --no-pager -o short-iso | grep -iE {shlex.quote(grep)} "
+                   f"| tail -n {lines}; true")
     out = []
     for host in hosts:
         try:
-            out.append(f"--- {host} {unit}\n" + on(host, f"journalctl -u '{unit}' -n {lines} --no-pager -o short-iso"))
+            out.append(f"--- {host} {unit}\n" + on(host, command))
         except Exception as e:  # a diagnostic must not hide the failure it explains
             out.append(f"--- {host} {unit}: {e!r}")
     return "\n".join(out)
@@ -57,6 +63,8 @@ def lab():
     yield {**info, "spec_path": Path(info["spec"]), "names": [h["name"] for h in info["hosts"] if h["role"] == "node"],
            "balancer": next(h for h in info["hosts"] if h["role"] == "balancer"),
            "spares": [h for h in info["hosts"] if h["role"] == "spare"]}
+    if os.environ.get("HAFLOW_KEEP_LAB"):  # debugging a failure: the lab stays up to be read
+        return
     haflow("down", "-f", info["spec"])
     r = haflow("lab", "down")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -380,7 +388,8 @@ def test_two_full_nodes_join_etcd_and_all_by_deploy_and_leave_by_node_remove(lab
     r = haflow("node", "remove", new[1], "--yes", "--server-gone", "--json", "-f", str(lab["spec_path"]))
     # (a CI run timed out here once, waiting for a dag-processor after the rolling restart)
     assert r.returncode == 0 and json.loads(r.stdout)["server_touched"] is False, \
-        r.stderr[-3000:] + "\n" + journal_tails([*names, new[0]], "haflow-lab-airflow-dag-processor")
+        r.stderr[-3000:] + "\n" + journal_tails([*names, new[0]], "haflow-lab-airflow-dag-processor") + "\n" \
+        + journal_tails([*names, new[0]], "haflow-lab-airflow-worker", 25, "pidbox|control queue|connect|warning|error")
     r = haflow("node", "remove", new[0], "--yes", "--json", "-f", str(lab["spec_path"]))
     assert r.returncode == 0, r.stderr[-3000:]
     snap = json.loads(haflow("status", "--json", "-f", str(lab["spec_path"])).stdout)

@@ -103,18 +103,26 @@ def _pidbox_queue_missing(box) -> bool:
 
 
 def _check_pidbox(box) -> None:
-    if box.consumer is None or box.c.connection is None or not box.c.connection.connected:
-        return  # stopped or reconnecting: start() declares the queue again
+    connection = box.c.connection
+    if connection is None or not connection.connected:
+        return  # reconnecting: Celery starts the box again, and this check with it
+    if box.consumer is None and not box._haflow_start_failed:
+        return  # stopped by Celery
     try:
-        if _pidbox_queue_missing(box):
-            _pidbox_log.warning("the control queue of %s vanished from the broker; declaring it again", box.hostname)
+        if box._haflow_start_failed or _pidbox_queue_missing(box):
+            _pidbox_log.warning("the control queue of %s is not consumed; declaring it again", box.hostname)
             box.reset()
-    except Exception as exc:  # a broker connection error: the consumer reconnects and starts again
-        _pidbox_log.debug("control queue check skipped: %r", exc)
+    except Exception as exc:
+        # e.g. the broker refused the declaration while it still held the old queue's record: a
+        # failed reset leaves no consumer, so the next check must try again (it used to give up)
+        _pidbox_log.warning("declaring the control queue of %s again failed (%r); trying again in %.0f s",
+                            box.hostname, exc, PIDBOX_CHECK_S)
 
 
 def _start_and_watch(self, c):
+    self._haflow_start_failed = True  # until the queue is declared and consumed (the running check retries)
     _pidbox_start(self, c)
+    self._haflow_start_failed = False
     # on every (re)start: a lost connection clears the worker's timer, this check's included
     previous = getattr(self, "_haflow_watch", None)
     if previous is not None:
@@ -122,6 +130,7 @@ def _start_and_watch(self, c):
     self._haflow_watch = c.timer.call_repeatedly(PIDBOX_CHECK_S, _check_pidbox, (self,))
 
 
+_pidbox.Pidbox._haflow_start_failed = False
 _pidbox.Pidbox.start = _start_and_watch
 
 
