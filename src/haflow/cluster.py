@@ -44,6 +44,7 @@ AIRFLOW_TIMEOUT_S = 180
 EXAMPLE_DAG = "haflow_example"
 EXAMPLE_TIMEOUT_S = 300
 ROLLING_GATE_TIMEOUT_S = 180  # a restarted member must be back in its layer within this
+DEAF_WORKER_S = 60  # a running Celery worker silent to pings this long during a gate is restarted
 
 
 def _quiet(_: str) -> None:
@@ -342,10 +343,12 @@ class Cluster:
                             (airflow.WORKER, self.facts.names_with_role("worker"))):
             started, stale[service] = self._start_missing(service, on, file_changes)
             changed += started
+        healed: list[str] = []
+        gate = self._airflow_gate(healed)
         for service, where in stale.items():
-            changed += self._restart_stale(service, where, reload=False, gate=("Airflow", self.airflow_probe))
-        self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)",
-                   AIRFLOW_TIMEOUT_S, lambda: self.airflow_probe())
+            changed += self._restart_stale(service, where, reload=False, gate=("Airflow", gate))
+        self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)", AIRFLOW_TIMEOUT_S, gate)
+        changed += healed
 
     def _api_servers_probe(self) -> LayerStatus:
         down = [n.name for n in self.facts.airflow_nodes if airflow.api_health(n) is None]
@@ -390,6 +393,37 @@ class Cluster:
     # --- the Airflow layer ----------------------------------------------------------------------
     def airflow_probe(self) -> airflow.AirflowStatus:
         return airflow.probe(self.facts, self.secrets, self.dags.status(), postgres.live_primary_endpoint(self.facts))
+
+    def _airflow_gate(self, healed: list[str]) -> Callable[[], airflow.AirflowStatus]:
+        """The Airflow probe for `up`'s waits, which heals a deaf worker: one whose service runs
+        but that has answered no ping for DEAF_WORKER_S is restarted, once per `up` (warm:
+        running tasks finish first; what it had not started goes to the others). A worker can
+        run tasks and still miss every control message, and nothing else brings it back. Only
+        while other workers answer: when none does, the broker's path is what is wrong."""
+        silent_since: dict[tuple[str, str], float] = {}  # (node, worker instance): since when silent
+
+        def probe() -> airflow.AirflowStatus:
+            status = self.airflow_probe()
+            if status.healthy or not status.workers:  # no answer at all: the broker's path, not a worker
+                silent_since.clear()
+                return status
+            now = time.monotonic()
+            for node in self.facts.names_with_role("worker"):
+                if airflow.worker_name(self.facts, node) in status.workers or any(h.startswith(f"{node}: ") for h in healed):
+                    continue
+                instance = self.host.instance(node, airflow.WORKER)
+                if instance is None:  # not running: nothing to heal here (a gate reports it)
+                    continue
+                # counted per instance: a worker (re)started meanwhile gets its full time to answer
+                if now - silent_since.setdefault((node, instance.id), now) >= DEAF_WORKER_S:
+                    self.say(f"{node}: its Celery worker runs but has answered no ping for {DEAF_WORKER_S} s; "
+                             "restarting it (running tasks finish first)")
+                    self.host.restart(node, airflow.WORKER)
+                    self._act(node, "restarted", airflow.WORKER)
+                    healed.append(f"{node}: restarted airflow-worker (it answered no ping for {DEAF_WORKER_S} s)")
+            return status
+
+        return probe
 
     def run_example_dag(self) -> dict[str, Any]:
         result = airflow_api.run_dag(airflow_api.connect(self.facts, self.secrets), EXAMPLE_DAG, EXAMPLE_TIMEOUT_S, self.say)

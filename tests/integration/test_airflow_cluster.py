@@ -412,6 +412,24 @@ def test_a_worker_keeps_declaring_its_control_queue_until_the_broker_takes_it(en
     assert "declaring the control queue of" in log and "failed" in log, log[-2000:]  # it was refused, then retried
 
 
+def test_up_restarts_a_worker_that_runs_but_answers_no_ping(env):
+    """A worker deaf in a way its own check cannot see (its control queue is there, but no
+    longer bound to the broadcast exchange): `up` finds it silent behind its gate, restarts it
+    once (warm), and ends healthy instead of timing out."""
+    cluster: Cluster = env["cluster"]
+    worker = airflow.worker_name(cluster.facts, "node2")
+    admin = cluster.secrets["rabbitmq_admin"]
+    url = (f"{cluster.facts.nodes[0].rabbitmq_management_url}/api/bindings/{rabbitmq.VHOST}/e/celery.pidbox/q/"
+           f"{worker}.celery.pidbox/~")
+    r = httpx.delete(url, auth=(admin.username, admin.password), timeout=10)
+    assert r.status_code == 204, (r.status_code, r.text)
+    time.sleep(15)  # three of its own checks: the queue exists, so they change nothing
+    assert worker not in airflow.ping_workers(cluster.facts, cluster.secrets)  # the fault took effect
+    result = json.loads(haflow(env, "up", "--no-smoke", "--json").stdout)["up"]
+    assert "node2: restarted airflow-worker (it answered no ping for 60 s)" in result["changed"], result["changed"]
+    assert worker in airflow.ping_workers(cluster.facts, cluster.secrets)
+
+
 def test_dag_processor_moves_when_its_node_dies_and_parses_new_dags(env):
     cluster: Cluster = env["cluster"]
     holder = airflow.dag_processor_holder(cluster.facts)
