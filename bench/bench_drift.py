@@ -14,6 +14,7 @@ the cluster. Writes bench/results/drift.json and a section of docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -105,7 +106,9 @@ def main() -> None:
         cluster.kill_all()
         cluster.host.purge()
     first, rest = runs[1], runs[2:]  # run 1 is the warm-up, as in bench_airflow
-    results = {"runs": runs, "meta": {"date": utc_now(), "runs": args.runs, "gap_s": args.gap},
+    for run in runs:
+        run["cpu_s_total"] = round(sum(run["cpu_s_by_kind"].values()), 2)
+    results = {"runs": runs, "meta": {"date": utc_now(), "runs": args.runs, "gap_s": args.gap, "machine_cores": os.cpu_count()},
                "summary": {"tasks_per_s": [r["tasks_per_s"] for r in runs],
                            "cpu_s_growth_by_kind": {k: round(statistics.median(r["cpu_s_by_kind"].get(k, 0) for r in rest)
                                                              - first["cpu_s_by_kind"].get(k, 0), 2)
@@ -120,12 +123,14 @@ def write_section(r: dict) -> None:
              f"haflow_noop100 run {r['meta']['runs']} times back to back on one HA cluster, {r['meta']['gap_s']} s apart "
              f"(measured {r['meta']['date']}, `bench/results/drift.json`; run 1 is the warm-up). Phase columns are medians "
              "over the run's 100 task instances; CPU is what each kind of process spent during the run.", "",
-             "| run | tasks/s | scheduled→queued s | queued→started s | started→ended s | "
-             + " | ".join(f"CPU s {k}" for k in kinds) + " |",
-             "|---|---|---|---|---|" + "---|" * len(kinds)]
+             "| run | tasks/s | scheduled→queued s | queued→started s | started→ended s | CPU s, all | share of the "
+             f"machine's {r['meta']['machine_cores']} cores | " + " | ".join(f"CPU s {k}" for k in kinds) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(kinds)]
     for i, run in enumerate(runs, 1):
+        share = run["cpu_s_total"] / (r["meta"]["machine_cores"] * run["elapsed_s"])
         lines.append(f"| {i} | {run['tasks_per_s']} | {run['scheduled_to_queued_s']} | {run['queued_to_started_s']} | "
-                     f"{run['started_to_ended_s']} | " + " | ".join(str(run['cpu_s_by_kind'].get(k, 0)) for k in kinds) + " |")
+                     f"{run['started_to_ended_s']} | {run['cpu_s_total']} | {share:.0%} | "
+                     + " | ".join(str(run['cpu_s_by_kind'].get(k, 0)) for k in kinds) + " |")
     write_docs_section(ROOT / "docs/benchmarks.md", lines + [""])
 
 
