@@ -70,23 +70,33 @@ def cluster_procs(cluster: Cluster) -> list[psutil.Process]:
     return out
 
 
-def throughput(client: airflow_api.ApiClient, reps: int) -> list[float]:
-    """Tasks per second of haflow_noop100, trigger to run end, after one warm-up run (discarded:
-    the first run after idle pays for cold caches and forks on both setups alike)."""
+def wait_for_throughput_dag(client: airflow_api.ApiClient) -> None:
+    """Until the dag-processor has parsed haflow_noop100 (at most 300 s)."""
     deadline = time.monotonic() + 300
     while client.get(f"/dags/{THROUGHPUT_DAG}").status_code == 404 and time.monotonic() < deadline:
         time.sleep(1)
+
+
+def run_throughput_dag(client: airflow_api.ApiClient) -> tuple[str, float]:
+    """One run of haflow_noop100, trigger to run end: its run id and the seconds it took."""
+    t0 = time.monotonic()
+    run_id = client.trigger(THROUGHPUT_DAG)
+    state = "queued"
+    while state not in ("success", "failed"):
+        time.sleep(0.5)
+        state = client.run_state(THROUGHPUT_DAG, run_id)
+    if state != "success":
+        raise RuntimeError(f"{THROUGHPUT_DAG} run {run_id} {state}")
+    return run_id, time.monotonic() - t0
+
+
+def throughput(client: airflow_api.ApiClient, reps: int) -> list[float]:
+    """Tasks per second of haflow_noop100, trigger to run end, after one warm-up run (discarded:
+    the first run after idle pays for cold caches and forks on both setups alike)."""
+    wait_for_throughput_dag(client)
     out = []
     for i in range(reps + 1):
-        t0 = time.monotonic()
-        run_id = client.trigger(THROUGHPUT_DAG)
-        state = "queued"
-        while state not in ("success", "failed"):
-            time.sleep(0.5)
-            state = client.run_state(THROUGHPUT_DAG, run_id)
-        elapsed = time.monotonic() - t0
-        if state != "success":
-            raise RuntimeError(f"{THROUGHPUT_DAG} run {run_id} {state}")
+        _, elapsed = run_throughput_dag(client)
         print(f"    {THROUGHPUT_DAG}: {elapsed:.1f}s -> {100 / elapsed:.2f} tasks/s" + (" (warm-up)" if i == 0 else ""), flush=True)
         if i > 0:
             out.append(round(100 / elapsed, 2))

@@ -22,7 +22,7 @@ from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 
-from bench_airflow import THROUGHPUT_DAG, make_cluster
+from bench_airflow import THROUGHPUT_DAG, make_cluster, run_throughput_dag, wait_for_throughput_dag
 from bench_idle import attribute, cpu_seconds
 from common import save_results, utc_now, write_docs_section
 from haflow.components import airflow_api
@@ -63,15 +63,7 @@ def kind_usage(cluster) -> dict[str, tuple[float, float]]:
 
 def one_run(client: airflow_api.ApiClient, cluster) -> dict:
     before = kind_usage(cluster)
-    t0 = time.monotonic()
-    run_id = client.trigger(THROUGHPUT_DAG)
-    state = "queued"
-    while state not in ("success", "failed"):
-        time.sleep(0.5)
-        state = client.run_state(THROUGHPUT_DAG, run_id)
-    elapsed = time.monotonic() - t0
-    if state != "success":
-        raise RuntimeError(f"{THROUGHPUT_DAG} run {run_id} {state}")
+    run_id, elapsed = run_throughput_dag(client)
     after = kind_usage(cluster)
     cpu = {k: round(after[k][0] - before.get(k, (0.0, 0.0))[0], 2) for k in sorted(after)}
     pss = {k: round(after[k][1] / 2**20, 1) for k in sorted(after)}
@@ -91,9 +83,7 @@ def main() -> None:
     try:
         cluster.up(smoke=False)
         client = airflow_api.connect(cluster.facts, cluster.secrets)
-        deadline = time.monotonic() + 300
-        while client.get(f"/dags/{THROUGHPUT_DAG}").status_code == 404 and time.monotonic() < deadline:
-            time.sleep(1)
+        wait_for_throughput_dag(client)
         time.sleep(30)  # start-up work settles
         for i in range(args.runs):
             run = one_run(client, cluster)

@@ -343,12 +343,12 @@ class Cluster:
                             (airflow.WORKER, self.facts.names_with_role("worker"))):
             started, stale[service] = self._start_missing(service, on, file_changes)
             changed += started
-        healed: list[str] = []
+        healed: set[str] = set()
         gate = self._airflow_gate(healed)
         for service, where in stale.items():
             changed += self._restart_stale(service, where, reload=False, gate=("Airflow", gate))
         self._wait("Airflow (schedulers, triggerers, one dag-processor, every worker answering)", AIRFLOW_TIMEOUT_S, gate)
-        changed += healed
+        changed += [f"{node}: restarted airflow-worker (it answered no ping for {DEAF_WORKER_S} s)" for node in sorted(healed)]
 
     def _api_servers_probe(self) -> LayerStatus:
         down = [n.name for n in self.facts.airflow_nodes if airflow.api_health(n) is None]
@@ -394,12 +394,13 @@ class Cluster:
     def airflow_probe(self) -> airflow.AirflowStatus:
         return airflow.probe(self.facts, self.secrets, self.dags.status(), postgres.live_primary_endpoint(self.facts))
 
-    def _airflow_gate(self, healed: list[str]) -> Callable[[], airflow.AirflowStatus]:
+    def _airflow_gate(self, healed: set[str]) -> Callable[[], airflow.AirflowStatus]:
         """The Airflow probe for `up`'s waits, which heals a deaf worker: one whose service runs
         but that has answered no ping for DEAF_WORKER_S is restarted, once per `up` (warm:
         running tasks finish first; what it had not started goes to the others). A worker can
         run tasks and still miss every control message, and nothing else brings it back. Only
-        while other workers answer: when none does, the broker's path is what is wrong."""
+        while other workers answer: when none does, the broker's path is what is wrong. The
+        nodes whose worker it restarted go into `healed`."""
         silent_since: dict[tuple[str, str], float] = {}  # (node, worker instance): since when silent
 
         def probe() -> airflow.AirflowStatus:
@@ -409,7 +410,7 @@ class Cluster:
                 return status
             now = time.monotonic()
             for node in self.facts.names_with_role("worker"):
-                if airflow.worker_name(self.facts, node) in status.workers or any(h.startswith(f"{node}: ") for h in healed):
+                if airflow.worker_name(self.facts, node) in status.workers or node in healed:
                     continue
                 instance = self.host.instance(node, airflow.WORKER)
                 if instance is None:  # not running: nothing to heal here (a gate reports it)
@@ -420,7 +421,7 @@ class Cluster:
                              "restarting it (running tasks finish first)")
                     self.host.restart(node, airflow.WORKER)
                     self._act(node, "restarted", airflow.WORKER)
-                    healed.append(f"{node}: restarted airflow-worker (it answered no ping for {DEAF_WORKER_S} s)")
+                    healed.add(node)
             return status
 
         return probe
